@@ -1,0 +1,16 @@
+//! Ocelot's user-space dataplane.
+//!
+//! Pods' `eth0` are TAP devices owned by this process; pinned worker threads
+//! poll them in batches and run each batch through the [`pipeline`]. The
+//! forwarding state is an immutable [`tables::Tables`] snapshot swapped
+//! atomically by the control thread, which the agent programs over the
+//! [`api`] socket.
+
+pub mod counters;
+pub mod csum;
+pub mod frame;
+pub mod gso;
+pub mod pipeline;
+pub mod port;
+pub mod tables;
+pub mod wire;

@@ -1,0 +1,49 @@
+//! Which worker a flow belongs to.
+//!
+//! Connection tracking needs both directions of a flow to meet the same
+//! state, so every frame is processed by the worker that owns its flow,
+//! whatever port it arrived on. The owner is a symmetric hash of the IP
+//! address pair (the same for A→B and B→A), so no state has to be shared
+//! between cores. Ports are not part of the key: fragments carry none, and a
+//! flow's fragments must meet the same state as its first packet. The cost
+//! is that all flows between one pair of addresses share one worker.
+
+use super::{ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETH_LEN};
+
+/// A symmetric hash of the frame's IP addresses; 0 for non-IP frames (ARP
+/// is stateless and answered by whichever worker receives it).
+#[inline]
+pub fn symmetric_hash(data: &[u8]) -> u32 {
+    if data.len() < ETH_LEN {
+        return 0;
+    }
+    let et = u16::from_be_bytes([data[12], data[13]]);
+    let (a, b): (&[u8], &[u8]) = match et {
+        ETHERTYPE_IPV4 => match data.get(ETH_LEN + 12..ETH_LEN + 20) {
+            Some(s) => (&s[..4], &s[4..]),
+            None => return 0,
+        },
+        ETHERTYPE_IPV6 => match data.get(ETH_LEN + 8..ETH_LEN + 40) {
+            Some(s) => (&s[..16], &s[16..]),
+            None => return 0,
+        },
+        _ => return 0,
+    };
+    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+    let mut h: u32 = 0x811c_9dc5;
+    for x in lo.iter().chain(hi) {
+        h ^= u32::from(*x);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h ^ (h >> 16)
+}
+
+/// The worker (out of `n`) that owns the frame's flow.
+#[inline]
+pub fn owner(data: &[u8], n: usize) -> usize {
+    if n <= 1 {
+        0
+    } else {
+        symmetric_hash(data) as usize % n
+    }
+}

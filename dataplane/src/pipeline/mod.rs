@@ -1,0 +1,126 @@
+//! The packet pipeline: a batch of frames from one port in, one verdict per
+//! frame out. No I/O happens here (the worker owns the ports), so every
+//! decision is testable on in-memory frames.
+//!
+//! Stages for this version: validate the virtio-net header → parse Ethernet
+//! → ARP (answer for the gateway) | IPv4 (route, TTL, rewrite MACs).
+//! Later stages (decap, conntrack, policy, NAT, encap) slot in between
+//! without changing the shape: frames in, verdicts out.
+
+mod arp;
+pub mod flow;
+mod icmp;
+mod ipv4;
+
+use crate::counters::{DropReason, DropTally};
+use crate::frame::Frame;
+use crate::port::PortId;
+use crate::tables::Tables;
+use crate::wire::MacAddr;
+
+/// Ethernet header length.
+pub const ETH_LEN: usize = 14;
+pub const ETHERTYPE_IPV4: u16 = 0x0800;
+pub const ETHERTYPE_ARP: u16 = 0x0806;
+pub const ETHERTYPE_IPV6: u16 = 0x86dd;
+
+/// The address the pods use as their gateway (Calico's convention); also the
+/// source of the ICMP errors the dataplane sends.
+pub const GATEWAY_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 1, 1);
+
+/// What happens to one frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send the (rewritten) frame out of this port.
+    Tx(PortId),
+    /// Drop it, counting the reason.
+    Drop(DropReason),
+    /// The frame was dropped for the reason and rewritten into an error
+    /// (ICMP) for its sender, to be sent out of the port.
+    Reply(PortId, DropReason),
+}
+
+/// Run a batch received on `in_port` through the pipeline. `verdicts` is
+/// cleared and gets one entry per frame; drops are also tallied in `drops`.
+pub fn process(
+    tables: &Tables,
+    in_port: PortId,
+    frames: &mut [Frame],
+    verdicts: &mut Vec<Verdict>,
+    drops: &mut DropTally,
+) {
+    verdicts.clear();
+    let Some(port) = tables.port(in_port) else {
+        verdicts.extend(frames.iter().map(|_| Verdict::Drop(DropReason::PortGone)));
+        for _ in frames.iter() {
+            drops.bump(DropReason::PortGone);
+        }
+        return;
+    };
+    let ctx =
+        Ctx { tables, in_port, in_kind_host: tables.host_port == Some(in_port), in_ips: &port.ips };
+    for f in frames.iter_mut() {
+        let v = one(&ctx, f);
+        if let Verdict::Drop(r) | Verdict::Reply(_, r) = v {
+            drops.bump(r);
+        }
+        verdicts.push(v);
+    }
+}
+
+struct Ctx<'a> {
+    tables: &'a Tables,
+    in_port: PortId,
+    in_kind_host: bool,
+    in_ips: &'a [std::net::IpAddr],
+}
+
+fn one(ctx: &Ctx<'_>, f: &mut Frame) -> Verdict {
+    if !vnet_consistent(f) {
+        return Verdict::Drop(DropReason::BadVnetHdr);
+    }
+    let data = f.data();
+    if data.len() < ETH_LEN {
+        return Verdict::Drop(DropReason::Malformed);
+    }
+    let dst = MacAddr([data[0], data[1], data[2], data[3], data[4], data[5]]);
+    let ethertype = u16::from_be_bytes([data[12], data[13]]);
+    if dst != ctx.tables.gateway_mac && dst != MacAddr::BROADCAST {
+        return Verdict::Drop(if dst.is_multicast() && ethertype == ETHERTYPE_IPV6 {
+            DropReason::UnsupportedEthertype
+        } else {
+            DropReason::NotForUs
+        });
+    }
+    match ethertype {
+        ETHERTYPE_IPV4 if dst == ctx.tables.gateway_mac => ipv4::forward(ctx, f),
+        ETHERTYPE_IPV4 => Verdict::Drop(DropReason::NotForUs),
+        ETHERTYPE_ARP => arp::answer(ctx, f),
+        _ => Verdict::Drop(DropReason::UnsupportedEthertype),
+    }
+}
+
+/// A frame's virtio-net header must describe offsets inside the frame.
+fn vnet_consistent(f: &Frame) -> bool {
+    let v = &f.vnet;
+    if v.needs_csum() {
+        let field = usize::from(v.csum_start) + usize::from(v.csum_offset) + 2;
+        if field > f.len() {
+            return false;
+        }
+    }
+    if v.is_gso() && (v.gso_size == 0 || !v.needs_csum()) {
+        return false;
+    }
+    true
+}
+
+/// Rewrite the Ethernet addresses of a frame.
+#[inline]
+fn set_macs(data: &mut [u8], dst: MacAddr, src: MacAddr) {
+    data[0..6].copy_from_slice(&dst.0);
+    data[6..12].copy_from_slice(&src.0);
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,299 @@
+//! Pipeline decisions on in-memory frames.
+
+use super::*;
+use crate::counters::PortStats;
+use crate::csum;
+use crate::port::memory::SinkTx;
+use crate::tables::{NextHop, PortEntry, PortKind};
+use etherparse::PacketBuilder;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+const GW: MacAddr = MacAddr([0xee; 6]);
+const MAC_A: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x0a]);
+const MAC_B: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x0b]);
+const MAC_HOST: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x99]);
+const A: PortId = 0;
+const B: PortId = 1;
+const HOST: PortId = 2;
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn entry(id: PortId, kind: PortKind, mac: MacAddr, ips: &[&str]) -> PortEntry {
+    PortEntry {
+        id,
+        name: format!("p{id}"),
+        kind,
+        peer_mac: mac,
+        ips: ips.iter().map(|s| IpAddr::V4(ip(s))).collect(),
+        tx: Arc::new(SinkTx::default()),
+        stats: Arc::new(PortStats::default()),
+    }
+}
+
+pub(crate) fn lab_tables() -> Tables {
+    let mut t = Tables::new(GW);
+    t.set_port(entry(A, PortKind::Pod, MAC_A, &["10.65.0.2"]));
+    t.set_port(entry(B, PortKind::Pod, MAC_B, &["10.65.0.3"]));
+    t.set_port(entry(HOST, PortKind::Host, MAC_HOST, &[]));
+    t.host_port = Some(HOST);
+    t.routes.insert(IpAddr::V4(ip("10.65.0.2")), 32, NextHop::Port(A));
+    t.routes.insert(IpAddr::V4(ip("10.65.0.3")), 32, NextHop::Port(B));
+    t.routes.insert(IpAddr::V4(ip("10.65.0.0")), 16, NextHop::Unreachable);
+    t
+}
+
+fn udp(
+    src_mac: MacAddr,
+    dst_mac: MacAddr,
+    src: &str,
+    dst: &str,
+    ttl: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(src_mac.0, dst_mac.0)
+        .ipv4(ip(src).octets(), ip(dst).octets(), ttl)
+        .udp(4000, 5000);
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).unwrap();
+    out
+}
+
+fn arp_request(src_mac: MacAddr, sender: &str, target: &str) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&[0xff; 6]);
+    v.extend_from_slice(&src_mac.0);
+    v.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    v.extend_from_slice(&src_mac.0);
+    v.extend_from_slice(&ip(sender).octets());
+    v.extend_from_slice(&[0; 6]);
+    v.extend_from_slice(&ip(target).octets());
+    v
+}
+
+fn run(t: &Tables, port: PortId, bytes: &[u8]) -> (Verdict, Frame) {
+    let mut frames = vec![Frame::from_bytes(bytes)];
+    let mut v = Vec::new();
+    let mut tally = DropTally::default();
+    process(t, port, &mut frames, &mut v, &mut tally);
+    (v[0], frames.pop().unwrap())
+}
+
+#[test]
+fn arp_for_gateway_is_answered_with_our_mac() {
+    let t = lab_tables();
+    let (v, f) = run(&t, A, &arp_request(MAC_A, "10.65.0.2", "169.254.1.1"));
+    assert_eq!(v, Verdict::Tx(A));
+    let d = f.data();
+    assert_eq!(&d[0..6], &MAC_A.0);
+    assert_eq!(&d[6..12], &GW.0);
+    assert_eq!(&d[20..22], &[0, 2], "opcode reply");
+    assert_eq!(&d[22..28], &GW.0, "sender hw = gateway");
+    assert_eq!(&d[28..32], &[169, 254, 1, 1]);
+    assert_eq!(&d[32..38], &MAC_A.0);
+    assert_eq!(&d[38..42], &[10, 65, 0, 2]);
+}
+
+#[test]
+fn arp_ignored_for_own_address_and_gratuitous() {
+    let t = lab_tables();
+    assert_eq!(
+        run(&t, A, &arp_request(MAC_A, "10.65.0.2", "10.65.0.2")).0,
+        Verdict::Drop(DropReason::ArpIgnored)
+    );
+    assert_eq!(
+        run(&t, A, &arp_request(MAC_A, "0.0.0.0", "10.65.0.2")).0,
+        Verdict::Drop(DropReason::ArpIgnored)
+    );
+}
+
+#[test]
+fn host_arp_answered_only_for_local_pods() {
+    let t = lab_tables();
+    assert_eq!(
+        run(&t, HOST, &arp_request(MAC_HOST, "192.0.2.1", "10.65.0.3")).0,
+        Verdict::Tx(HOST)
+    );
+    // An address of the pool with no endpoint, and one outside: not ours.
+    assert_eq!(
+        run(&t, HOST, &arp_request(MAC_HOST, "192.0.2.1", "10.65.0.9")).0,
+        Verdict::Drop(DropReason::ArpIgnored)
+    );
+    assert_eq!(
+        run(&t, HOST, &arp_request(MAC_HOST, "192.0.2.1", "192.0.2.7")).0,
+        Verdict::Drop(DropReason::ArpIgnored)
+    );
+}
+
+#[test]
+fn pod_to_pod_forwarding_rewrites_macs_and_ttl() {
+    let t = lab_tables();
+    let (v, f) = run(&t, A, &udp(MAC_A, GW, "10.65.0.2", "10.65.0.3", 64, b"hello"));
+    assert_eq!(v, Verdict::Tx(B));
+    let d = f.data();
+    assert_eq!(&d[0..6], &MAC_B.0);
+    assert_eq!(&d[6..12], &GW.0);
+    let h = etherparse::Ipv4HeaderSlice::from_slice(&d[14..]).unwrap();
+    assert_eq!(h.ttl(), 63);
+    assert_eq!(csum::checksum(h.slice()), 0, "header checksum still valid");
+}
+
+#[test]
+fn unknown_destination_goes_to_host_and_host_never_gets_its_own_back() {
+    let t = lab_tables();
+    let (v, f) = run(&t, A, &udp(MAC_A, GW, "10.65.0.2", "192.0.2.1", 64, b"x"));
+    assert_eq!(v, Verdict::Tx(HOST));
+    assert_eq!(&f.data()[0..6], &MAC_HOST.0);
+    assert_eq!(
+        run(&t, HOST, &udp(MAC_HOST, GW, "192.0.2.1", "198.51.100.1", 64, b"x")).0,
+        Verdict::Drop(DropReason::NoRoute)
+    );
+    assert_eq!(
+        run(&t, HOST, &udp(MAC_HOST, GW, "192.0.2.1", "10.65.0.2", 64, b"x")).0,
+        Verdict::Tx(A)
+    );
+}
+
+#[test]
+fn pool_address_without_endpoint_is_no_route() {
+    let t = lab_tables();
+    assert_eq!(
+        run(&t, A, &udp(MAC_A, GW, "10.65.0.2", "10.65.0.77", 64, b"x")).0,
+        Verdict::Drop(DropReason::NoRoute)
+    );
+}
+
+#[test]
+fn ttl_expiry_answers_with_icmp_time_exceeded() {
+    let t = lab_tables();
+    let orig = udp(MAC_A, GW, "10.65.0.2", "10.65.0.3", 1, b"payload!");
+    let (v, f) = run(&t, A, &orig);
+    assert_eq!(v, Verdict::Reply(A, DropReason::TtlExceeded));
+    let d = f.data();
+    assert_eq!(&d[0..6], &MAC_A.0);
+    let p = etherparse::SlicedPacket::from_ethernet(d).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ipv4)) = p.net else { panic!("not ipv4") };
+    assert_eq!(ipv4.header().source_addr(), ip("169.254.1.1"));
+    assert_eq!(ipv4.header().destination_addr(), ip("10.65.0.2"));
+    assert_eq!(csum::checksum(ipv4.header().slice()), 0);
+    let icmp = ipv4.payload().payload;
+    assert_eq!(&icmp[..2], &[11, 0]);
+    assert_eq!(csum::checksum(icmp), 0);
+    // Quotes the original IP header and the first 8 bytes of its payload.
+    assert_eq!(&icmp[8..], &orig[14..14 + 28]);
+}
+
+#[test]
+fn no_icmp_error_about_an_icmp_error() {
+    let t = lab_tables();
+    let mut pkt = Vec::new();
+    PacketBuilder::ethernet2(MAC_A.0, GW.0)
+        .ipv4(ip("10.65.0.2").octets(), ip("10.65.0.3").octets(), 1)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::Host,
+        ))
+        .write(&mut pkt, &[0; 28])
+        .unwrap();
+    assert_eq!(run(&t, A, &pkt).0, Verdict::Drop(DropReason::TtlExceeded));
+}
+
+#[test]
+fn frames_not_for_us_and_other_ethertypes() {
+    let t = lab_tables();
+    assert_eq!(
+        run(&t, A, &udp(MAC_A, MAC_B, "10.65.0.2", "10.65.0.3", 64, b"x")).0,
+        Verdict::Drop(DropReason::NotForUs)
+    );
+    let mut v6 = udp(MAC_A, GW, "10.65.0.2", "10.65.0.3", 64, b"x");
+    v6[12..14].copy_from_slice(&[0x86, 0xdd]);
+    assert_eq!(run(&t, A, &v6).0, Verdict::Drop(DropReason::UnsupportedEthertype));
+}
+
+#[test]
+fn bad_ip_checksum_is_malformed() {
+    let t = lab_tables();
+    let mut p = udp(MAC_A, GW, "10.65.0.2", "10.65.0.3", 64, b"x");
+    p[24] ^= 0xff;
+    assert_eq!(run(&t, A, &p).0, Verdict::Drop(DropReason::Malformed));
+}
+
+#[test]
+fn every_truncation_is_a_counted_drop_never_a_panic() {
+    let t = lab_tables();
+    for full in [
+        udp(MAC_A, GW, "10.65.0.2", "10.65.0.3", 64, b"hello world"),
+        arp_request(MAC_A, "10.65.0.2", "169.254.1.1"),
+    ] {
+        for len in 0..full.len() {
+            let (v, _) = run(&t, A, &full[..len]);
+            assert!(matches!(v, Verdict::Drop(_)), "len {len}: {v:?}");
+        }
+    }
+}
+
+#[test]
+fn inconsistent_vnet_header_is_dropped() {
+    let t = lab_tables();
+    let mut frames = vec![Frame::from_bytes(&udp(MAC_A, GW, "10.65.0.2", "10.65.0.3", 64, b"x"))];
+    frames[0].vnet.flags = crate::wire::vnet::F_NEEDS_CSUM;
+    frames[0].vnet.csum_start = 40;
+    frames[0].vnet.csum_offset = 6;
+    let mut v = Vec::new();
+    let mut tally = DropTally::default();
+    process(&t, A, &mut frames, &mut v, &mut tally);
+    assert_eq!(v[0], Verdict::Drop(DropReason::BadVnetHdr));
+}
+
+#[test]
+fn random_bytes_never_panic() {
+    let t = lab_tables();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in 0..20_000 {
+        let len = (i % 120) as usize;
+        let mut b: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        if len >= 14 && i % 2 == 0 {
+            b[..6].copy_from_slice(&GW.0);
+            b[12..14].copy_from_slice(&[0x08, if i % 4 == 0 { 0x00 } else { 0x06 }]);
+        }
+        let _ = run(&t, A, &b);
+    }
+}
+
+#[test]
+fn drops_are_tallied_per_reason() {
+    let t = lab_tables();
+    let mut frames = vec![
+        Frame::from_bytes(&udp(MAC_A, GW, "10.65.0.2", "10.65.0.3", 64, b"ok")),
+        Frame::from_bytes(&[0u8; 5]),
+        Frame::from_bytes(&udp(MAC_A, GW, "10.65.0.2", "10.65.0.77", 64, b"x")),
+    ];
+    let mut v = Vec::new();
+    let mut tally = DropTally::default();
+    process(&t, A, &mut frames, &mut v, &mut tally);
+    let stats = PortStats::default();
+    tally.flush(&stats.drops);
+    assert_eq!(stats.drops.get(DropReason::Malformed), 1);
+    assert_eq!(stats.drops.get(DropReason::NoRoute), 1);
+    assert_eq!(v[0], Verdict::Tx(B));
+}
+
+#[test]
+fn flow_owner_is_symmetric() {
+    let ab = udp(MAC_A, GW, "10.65.0.2", "10.65.0.3", 64, b"x");
+    let ba = udp(MAC_B, GW, "10.65.0.3", "10.65.0.2", 64, b"x");
+    assert_eq!(flow::symmetric_hash(&ab), flow::symmetric_hash(&ba));
+    for n in 1..8 {
+        assert_eq!(flow::owner(&ab, n), flow::owner(&ba, n));
+    }
+    let other = udp(MAC_A, GW, "10.65.0.2", "10.65.0.4", 64, b"x");
+    assert_ne!(flow::symmetric_hash(&ab), flow::symmetric_hash(&other));
+}

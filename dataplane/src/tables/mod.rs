@@ -1,0 +1,155 @@
+//! The read-mostly state the workers forward with: ports, endpoints and
+//! routes. A [`Tables`] value is immutable once published; the control
+//! thread builds a new one and swaps it in atomically ([`SharedTables`]),
+//! so workers read without locks and always see one consistent version.
+
+pub mod lpm;
+
+use crate::counters::PortStats;
+use crate::port::{PortId, TxPort};
+use crate::wire::MacAddr;
+use arc_swap::ArcSwap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+pub use lpm::{DualLpm, Lpm};
+
+/// What a port is attached to.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PortKind {
+    /// A pod's `eth0`.
+    Pod,
+    /// The host interface (`ocelot0`) into the node's own network stack.
+    Host,
+}
+
+/// One port as the workers see it.
+#[derive(Clone)]
+pub struct PortEntry {
+    pub id: PortId,
+    pub name: String,
+    pub kind: PortKind,
+    /// MAC of the interface on the far side (the pod's `eth0`, or the host
+    /// interface's own address): the destination of frames we send into it.
+    pub peer_mac: MacAddr,
+    /// Addresses that belong to the far side (a pod's IPs).
+    pub ips: Vec<IpAddr>,
+    pub tx: Arc<dyn TxPort>,
+    pub stats: Arc<PortStats>,
+}
+
+/// Where a route sends a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NextHop {
+    /// A local port (a pod on this node, or the host interface).
+    Port(PortId),
+    /// A prefix we own but have no endpoint for: drop (`no_route`) rather
+    /// than bounce it back to the host, which routes it to us again.
+    Unreachable,
+}
+
+/// One immutable version of the forwarding state.
+#[derive(Clone)]
+pub struct Tables {
+    /// Increases with every published change.
+    pub version: u64,
+    /// The MAC the dataplane answers ARP with and sends from.
+    pub gateway_mac: MacAddr,
+    /// Ports indexed by [`PortId`]; removed ports leave a `None`.
+    pub ports: Vec<Option<PortEntry>>,
+    pub routes: DualLpm<NextHop>,
+    /// Where traffic for destinations we do not own goes.
+    pub host_port: Option<PortId>,
+}
+
+impl Tables {
+    pub fn new(gateway_mac: MacAddr) -> Tables {
+        Tables {
+            version: 0,
+            gateway_mac,
+            ports: Vec::new(),
+            routes: DualLpm::default(),
+            host_port: None,
+        }
+    }
+
+    #[inline]
+    pub fn port(&self, id: PortId) -> Option<&PortEntry> {
+        self.ports.get(id as usize).and_then(Option::as_ref)
+    }
+
+    /// The next hop for `dst`: the longest matching route, else the host.
+    #[inline]
+    pub fn route(&self, dst: IpAddr) -> Option<PortId> {
+        match self.routes.lookup(dst) {
+            Some(NextHop::Port(p)) => Some(*p),
+            Some(NextHop::Unreachable) => None,
+            None => self.host_port,
+        }
+    }
+
+    /// The first free port id.
+    pub fn free_port_id(&self) -> PortId {
+        self.ports.iter().position(Option::is_none).unwrap_or(self.ports.len()) as PortId
+    }
+
+    /// Put `entry` at its id, growing the table as needed.
+    pub fn set_port(&mut self, entry: PortEntry) {
+        let i = entry.id as usize;
+        if self.ports.len() <= i {
+            self.ports.resize_with(i + 1, || None);
+        }
+        self.ports[i] = Some(entry);
+    }
+
+    /// Remove a port and every route that points at it.
+    pub fn remove_port(&mut self, id: PortId) -> Option<PortEntry> {
+        let old = self.ports.get_mut(id as usize).and_then(Option::take);
+        let stale: Vec<(IpAddr, u8)> = self
+            .routes
+            .iter()
+            .filter(|(_, _, nh)| **nh == NextHop::Port(id))
+            .map(|(a, l, _)| (a, l))
+            .collect();
+        for (a, l) in stale {
+            self.routes.remove(a, l);
+        }
+        if self.host_port == Some(id) {
+            self.host_port = None;
+        }
+        while matches!(self.ports.last(), Some(None)) {
+            self.ports.pop();
+        }
+        old
+    }
+}
+
+/// The published tables, swapped atomically by the control thread.
+pub struct SharedTables(ArcSwap<Tables>);
+
+impl SharedTables {
+    pub fn new(t: Tables) -> SharedTables {
+        SharedTables(ArcSwap::from_pointee(t))
+    }
+
+    /// The current version, for one batch.
+    #[inline]
+    pub fn load(&self) -> arc_swap::Guard<Arc<Tables>> {
+        self.0.load()
+    }
+
+    pub fn load_full(&self) -> Arc<Tables> {
+        self.0.load_full()
+    }
+
+    /// Build a new version from the current one and publish it.
+    pub fn update(&self, f: impl FnOnce(&mut Tables)) -> Arc<Tables> {
+        let mut t = (*self.0.load_full()).clone();
+        f(&mut t);
+        t.version += 1;
+        let t = Arc::new(t);
+        self.0.store(t.clone());
+        t
+    }
+}
