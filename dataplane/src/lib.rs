@@ -6,11 +6,16 @@
 //! atomically by the control thread, which the agent programs over the
 //! [`api`] socket.
 
+pub mod api;
 pub mod counters;
 pub mod csum;
+pub mod engine;
 pub mod frame;
 pub mod gso;
 pub mod pipeline;
 pub mod port;
+pub mod state;
+pub mod sys;
 pub mod tables;
 pub mod wire;
+pub mod worker;

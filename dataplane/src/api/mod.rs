@@ -1,0 +1,279 @@
+//! The dataplane's control API: newline-delimited JSON over a unix socket
+//! that only root can open. Documented for operators in
+//! `docs/dataplane-api.md`; these types are the definition.
+//!
+//! Every request is `{"id": N, "op": "...", ...fields}` and gets exactly one
+//! response `{"id": N, "ok": {...}}` or `{"id": N, "error": {"code": ..,
+//! "message": ..}}`. The first request on a connection must be `hello`,
+//! which negotiates the protocol version. A bad request gets an error and
+//! changes nothing; the connection stays usable.
+
+pub mod client;
+pub mod server;
+
+use crate::counters::CounterSnapshot;
+use crate::wire::MacAddr;
+use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+/// Protocol versions this build speaks, newest last.
+pub const VERSIONS: &[u32] = &[1];
+
+/// Longest request line accepted.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// An IP prefix, written `10.65.0.0/16`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (a, l) =
+            s.split_once('/').ok_or_else(|| format!("invalid CIDR {s:?}: expected ADDR/LEN"))?;
+        let addr: IpAddr = a.parse().map_err(|_| format!("invalid CIDR {s:?}: bad address"))?;
+        let len: u8 = l.parse().map_err(|_| format!("invalid CIDR {s:?}: bad prefix length"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if len > max {
+            return Err(format!("invalid CIDR {s:?}: prefix length above {max}"));
+        }
+        Ok(Cidr { addr, len })
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A pod interface the dataplane owns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSpec {
+    /// Unique key, and the TAP's name while it is created in the node's
+    /// namespace (at most 15 characters).
+    pub name: String,
+    /// Path of the pod's network namespace (`/var/run/netns/..`, `/proc/PID/ns/net`).
+    pub netns: PathBuf,
+    /// Name of the interface inside the pod (`eth0`).
+    pub ifname: String,
+    /// MAC of the pod's interface; derived from `name` when absent.
+    #[serde(default)]
+    pub mac: Option<MacAddr>,
+    /// The pod's addresses (each routed to it as a host route).
+    pub ips: Vec<IpAddr>,
+    /// MTU of the pod's interface.
+    #[serde(default = "default_mtu")]
+    pub mtu: u32,
+}
+
+fn default_mtu() -> u32 {
+    1500
+}
+
+/// Requests.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Negotiate the version: the dataplane picks the newest it shares.
+    Hello {
+        versions: Vec<u32>,
+        #[serde(default)]
+        client: String,
+    },
+    /// Replace the whole desired state: endpoints not listed are removed.
+    Sync {
+        endpoints: Vec<EndpointSpec>,
+        #[serde(default)]
+        pools: Vec<Cidr>,
+    },
+    /// Create (or confirm) one endpoint.
+    AddEndpoint { endpoint: EndpointSpec },
+    /// Remove one endpoint; succeeds when it is already gone.
+    RemoveEndpoint { name: String },
+    /// Read every counter.
+    Counters,
+    /// Read the endpoints, pools and table version.
+    State,
+}
+
+/// A request with its correlation id.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub id: u64,
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+/// Error codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The line is not a valid request.
+    BadRequest,
+    /// No common protocol version.
+    UnsupportedVersion,
+    /// `hello` must come first.
+    HelloFirst,
+    /// A field is invalid (name, address, namespace...).
+    InvalidArgument,
+    /// The kernel refused an operation (TAP, netlink).
+    System,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError { code, message: message.into() }
+    }
+}
+
+/// An endpoint as the dataplane holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointStatus {
+    pub spec: EndpointSpec,
+    pub port: u32,
+    pub worker: usize,
+    pub mac: MacAddr,
+}
+
+/// Counters of one port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortCounters {
+    pub port: u32,
+    pub name: String,
+    pub kind: crate::tables::PortKind,
+    #[serde(flatten)]
+    pub counters: CounterSnapshot,
+}
+
+/// Counters of one worker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerCounters {
+    pub worker: usize,
+    pub core: Option<usize>,
+    pub ports: usize,
+    pub batches: u64,
+    pub polls: u64,
+    pub handoff_in: u64,
+    pub handoff_out: u64,
+    #[serde(flatten)]
+    pub counters: CounterSnapshot,
+}
+
+/// Successful results.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Reply {
+    Hello {
+        version: u32,
+        dataplane: String,
+        tables_version: u64,
+    },
+    Done {
+        tables_version: u64,
+    },
+    Endpoint {
+        endpoint: EndpointStatus,
+    },
+    Counters {
+        ports: Vec<PortCounters>,
+        workers: Vec<WorkerCounters>,
+        drop_reasons: Vec<(String, String)>,
+    },
+    State {
+        tables_version: u64,
+        endpoints: Vec<EndpointStatus>,
+        pools: Vec<Cidr>,
+        host_iface: Option<String>,
+    },
+}
+
+/// The response to one request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub id: Option<u64>,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok(Reply),
+    Error(ApiError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_format() {
+        let e: Envelope =
+            serde_json::from_str(r#"{"id":7,"op":"hello","versions":[1,2],"client":"agent"}"#)
+                .unwrap();
+        assert_eq!(e.request, Request::Hello { versions: vec![1, 2], client: "agent".into() });
+        let e: Envelope = serde_json::from_str(
+            r#"{"id":8,"op":"add_endpoint","endpoint":{"name":"oc1","netns":"/var/run/netns/p","ifname":"eth0","ips":["10.65.0.2"]}}"#,
+        )
+        .unwrap();
+        let Request::AddEndpoint { endpoint } = e.request else { panic!() };
+        assert_eq!(endpoint.mtu, 1500);
+        assert!(serde_json::from_str::<Envelope>(r#"{"id":9,"op":"explode"}"#).is_err());
+        assert!(serde_json::from_str::<Envelope>(r#"{"id":9,"op":"remove_endpoint"}"#).is_err());
+    }
+
+    #[test]
+    fn response_wire_format() {
+        let r = Response {
+            id: Some(3),
+            outcome: Outcome::Error(ApiError::new(ErrorCode::HelloFirst, "say hello")),
+        };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"id":3,"error":{"code":"hello_first","message":"say hello"}}"#
+        );
+        let r = Response { id: Some(4), outcome: Outcome::Ok(Reply::Done { tables_version: 9 }) };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"id":4,"ok":{"kind":"done","tables_version":9}}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Response>(&serde_json::to_string(&r).unwrap()).unwrap(),
+            r
+        );
+    }
+
+    #[test]
+    fn cidr_parsing() {
+        let c: Cidr = "10.65.0.0/16".parse().unwrap();
+        assert_eq!(c.len, 16);
+        assert!("10.65.0.0/33".parse::<Cidr>().is_err());
+        assert!("10.65.0.0".parse::<Cidr>().is_err());
+        assert!("fd00::/64".parse::<Cidr>().is_ok());
+    }
+}
