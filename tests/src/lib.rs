@@ -1,1 +1,256 @@
+//! A small toolkit for privileged tests and benchmarks on network
+//! namespaces: uniquely named namespaces that are deleted when dropped (also
+//! when a test panics), child processes that are killed when dropped, and
+//! the paths of the project's binaries.
+//!
+//! Tests shell out to `ip` to build their scaffolding (that is test code, not
+//! product code: the product configures links through netlink).
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A unique name with the given prefix: `<prefix><pid>x<seq>`, short enough
+/// for interface names when the prefix is.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}x{}", std::process::id() % 100_000, SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Run a command, panicking with its output when it fails.
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("spawn sh");
+    if !out.status.success() {
+        panic!(
+            "`{cmd}` failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Run a command and return its output whatever its status.
+pub fn sh_out(cmd: &str) -> Output {
+    Command::new("sh").arg("-c").arg(cmd).output().expect("spawn sh")
+}
+
+/// A network namespace deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Netns {
+        let name = unique(prefix);
+        sh(&format!("ip netns add {name}"));
+        sh(&format!("ip -n {name} link set lo up"));
+        Netns { name }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/var/run/netns/{}", self.name))
+    }
+
+    /// `ip netns exec NAME` + `cmd`, through sh.
+    pub fn exec(&self, cmd: &str) -> String {
+        sh(&format!("ip netns exec {} {cmd}", self.name))
+    }
+
+    pub fn exec_out(&self, cmd: &str) -> Output {
+        sh_out(&format!("ip netns exec {} {cmd}", self.name))
+    }
+
+    /// Start a long-running command in the namespace.
+    pub fn spawn(&self, cmd: &str, log: &Path) -> Proc {
+        let f = std::fs::File::create(log).expect("create log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.name, "sh", "-c", &format!("exec {cmd}")])
+            .stdout(Stdio::from(f.try_clone().expect("dup log")))
+            .stderr(Stdio::from(f))
+            .spawn()
+            .expect("spawn");
+        Proc { child: Some(child), log: log.to_path_buf() }
+    }
+
+    /// True when `ping` from this namespace reaches `ip`.
+    pub fn ping(&self, ip: &str) -> bool {
+        self.exec_out(&format!("ping -c 1 -W 1 {ip}")).status.success()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Kill what still runs inside, then delete.
+        let _ = sh_out(&format!("ip netns pids {} | xargs -r kill -9", self.name));
+        let _ = sh_out(&format!("ip netns del {}", self.name));
+    }
+}
+
+/// A child process killed (SIGKILL) on drop.
+pub struct Proc {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// `kill -9` now.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = sh_out(&format!("kill -TERM {}", c.id()));
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Poll `f` until it is true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+/// The directory holding the workspace's built binaries (the profile the
+/// tests were built with).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("OCELOT_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test-binary>
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
+/// Path of a workspace binary, e.g. `ocelot-dataplane`.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} not built (run cargo build --workspace --bins first)", p.display());
+    p
+}
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        let p = std::env::temp_dir().join(unique(prefix));
+        std::fs::create_dir_all(&p).expect("mkdir");
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A node running the dataplane, with pods attached through its API.
+pub struct DataplaneNode {
+    pub ns: Netns,
+    pub dir: TempDir,
+    pub proc: Proc,
+    pub node_ip: String,
+    extra_args: String,
+}
+
+impl DataplaneNode {
+    /// A node namespace with `node_ip`/32 on lo, running the dataplane with
+    /// `pool` routed to it.
+    pub fn start(prefix: &str, node_ip: &str, pool: &str, extra_args: &str) -> DataplaneNode {
+        let ns = Netns::new(prefix);
+        ns.exec(&format!("ip addr add {node_ip}/32 dev lo"));
+        let dir = TempDir::new("ocelot-dp-");
+        let extra_args = format!("--pool {pool} {extra_args}");
+        let proc = Self::spawn_dataplane(&ns, &dir, &extra_args, "dataplane.log");
+        let n = DataplaneNode { ns, dir, proc, node_ip: node_ip.into(), extra_args };
+        n.wait_ready();
+        n
+    }
+
+    fn spawn_dataplane(ns: &Netns, dir: &TempDir, extra: &str, log: &str) -> Proc {
+        let d = &dir.0;
+        ns.spawn(
+            &format!(
+                "{} run --state-dir {} --socket {}/dp.sock {extra}",
+                bin("ocelot-dataplane").display(),
+                d.display(),
+                d.display()
+            ),
+            &d.join(log),
+        )
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.0.join("dp.sock")
+    }
+
+    fn wait_ready(&self) {
+        let ok = wait_until(Duration::from_secs(10), || {
+            ocelot_dataplane::api::client::Client::connect(&self.socket(), "test").is_ok()
+        });
+        assert!(ok, "dataplane did not come up:\n{}", self.proc.log_text());
+    }
+
+    /// `kill -9` the dataplane and start it again on the same state.
+    pub fn crash_and_restart(&mut self) {
+        self.proc.kill();
+        let _ = std::fs::remove_file(self.socket());
+        self.proc =
+            Self::spawn_dataplane(&self.ns, &self.dir, &self.extra_args, "dataplane-restarted.log");
+        self.wait_ready();
+    }
+
+    /// Attach a new pod namespace with `ip` through the dataplane CLI.
+    pub fn add_pod(&self, prefix: &str, ip: &str) -> Netns {
+        let pod = Netns::new(prefix);
+        let name = unique("ocp");
+        sh(&format!(
+            "{} endpoint add --socket {} --name {name} --netns {} --ip {ip} --configure",
+            bin("ocelot-dataplane").display(),
+            self.socket().display(),
+            pod.path().display()
+        ));
+        pod
+    }
+
+    /// The dataplane's counters as JSON.
+    pub fn counters(&self) -> serde_json::Value {
+        let out = sh(&format!(
+            "{} stats -o json --socket {}",
+            bin("ocelot-dataplane").display(),
+            self.socket().display()
+        ));
+        serde_json::from_str(&out).expect("stats json")
+    }
+}
