@@ -1,0 +1,254 @@
+//! Cost of the dataplane's packet path on in-memory frames, no I/O.
+//!
+//! - `pipeline/forward`: a batch of 32 IPv4/UDP frames from pod A to pod B
+//!   through `pipeline::process` (parse, validate, route, TTL, MAC rewrite),
+//!   for 64-byte and 1514-byte (1500-byte IP packet) frames. Criterion
+//!   prints elements/s = packets/s. The pipeline rewrites frames in place
+//!   (destination MAC, TTL, header checksum), so each iteration first puts
+//!   back the 34 header bytes it changed (not the whole frame); that restore
+//!   is measured on its own in `pipeline/reset` so it can be subtracted,
+//!   next to the cost of copying whole frames from a template instead.
+//! - `lpm`: longest-prefix-match route lookups in a cluster-sized table.
+//! - `gso`: software segmentation of a 64 KiB TCP/IPv4 GSO frame, and the
+//!   Internet checksum over the same 64 KiB (part of that cost).
+//!
+//! Run: `cargo bench -p ocelot-perf --bench pipeline` (about a minute).
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use etherparse::PacketBuilder;
+use ocelot_dataplane::counters::{DropTally, PortStats};
+use ocelot_dataplane::frame::Frame;
+use ocelot_dataplane::pipeline::{self, Verdict, ETH_LEN};
+use ocelot_dataplane::port::memory::SinkTx;
+use ocelot_dataplane::port::PortId;
+use ocelot_dataplane::tables::{Lpm, NextHop, PortEntry, PortKind, Tables};
+use ocelot_dataplane::wire::vnet::F_NEEDS_CSUM;
+use ocelot_dataplane::wire::{GsoType, MacAddr};
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+const BATCH: usize = 32;
+const GW: MacAddr = MacAddr([0xee; 6]);
+const MAC_A: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x0a]);
+const MAC_B: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x0b]);
+const MAC_HOST: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x99]);
+const A: PortId = 0;
+const B: PortId = 1;
+const HOST: PortId = 2;
+/// Ethernet + IPv4 header: everything the forward path writes.
+const HDRS: usize = ETH_LEN + 20;
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn entry(id: PortId, kind: PortKind, mac: MacAddr, ips: &[&str]) -> PortEntry {
+    PortEntry {
+        id,
+        name: format!("p{id}"),
+        kind,
+        peer_mac: mac,
+        ips: ips.iter().map(|s| IpAddr::V4(ip(s))).collect(),
+        tx: Arc::new(SinkTx::default()),
+        stats: Arc::new(PortStats::default()),
+    }
+}
+
+/// The tables of a node with two pods and the host port, plus routes of a
+/// realistic shape (other nodes' /26 blocks, the pool, a default) so the
+/// lookup probes more than one prefix length.
+fn node_tables() -> Tables {
+    let mut t = Tables::new(GW);
+    t.set_port(entry(A, PortKind::Pod, MAC_A, &["10.65.0.2"]));
+    t.set_port(entry(B, PortKind::Pod, MAC_B, &["10.65.0.3"]));
+    t.set_port(entry(HOST, PortKind::Host, MAC_HOST, &[]));
+    t.host_port = Some(HOST);
+    t.routes.insert(IpAddr::V4(ip("10.65.0.2")), 32, NextHop::Port(A));
+    t.routes.insert(IpAddr::V4(ip("10.65.0.3")), 32, NextHop::Port(B));
+    t.routes.insert(IpAddr::V4(ip("10.65.0.0")), 16, NextHop::Unreachable);
+    t
+}
+
+/// An Ethernet/IPv4/UDP frame of exactly `frame_len` bytes, A -> B.
+fn udp_frame(frame_len: usize) -> Vec<u8> {
+    let payload = vec![0x5a; frame_len - HDRS - 8];
+    let b = PacketBuilder::ethernet2(MAC_A.0, GW.0)
+        .ipv4(ip("10.65.0.2").octets(), ip("10.65.0.3").octets(), 64)
+        .udp(40000, 5201);
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, &payload).unwrap();
+    assert_eq!(out.len(), frame_len);
+    out
+}
+
+/// Put back the bytes the forward path rewrites (MACs, TTL, checksum).
+#[inline]
+fn restore_headers(frames: &mut [Frame], template: &[u8]) {
+    for f in frames {
+        f.data_mut()[..HDRS].copy_from_slice(&template[..HDRS]);
+    }
+}
+
+/// The alternative: rebuild each frame from the template by copying it all.
+#[inline]
+fn copy_whole(frames: &mut [Frame], template: &[u8]) {
+    for f in frames {
+        f.data_mut().copy_from_slice(template);
+    }
+}
+
+fn forward(c: &mut Criterion) {
+    let tables = node_tables();
+    let mut g = c.benchmark_group("pipeline/forward");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    for (name, len) in [("64B", 64usize), ("1514B", 1514)] {
+        let template = udp_frame(len);
+        let mut frames: Vec<Frame> = (0..BATCH).map(|_| Frame::from_bytes(&template)).collect();
+        let mut verdicts = Vec::with_capacity(BATCH);
+        let mut tally = DropTally::default();
+        // The batch really is forwarded, and stays forwardable after a reset.
+        for _ in 0..3 {
+            restore_headers(&mut frames, &template);
+            pipeline::process(&tables, A, &mut frames, &mut verdicts, &mut tally);
+            assert!(verdicts.iter().all(|v| *v == Verdict::Tx(B)), "{verdicts:?}");
+        }
+        g.bench_function(BenchmarkId::new("batch32", name), |b| {
+            b.iter(|| {
+                restore_headers(&mut frames, &template);
+                pipeline::process(black_box(&tables), A, &mut frames, &mut verdicts, &mut tally);
+                black_box(&verdicts);
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("pipeline/reset");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    for (name, len) in [("64B", 64usize), ("1514B", 1514)] {
+        let template = udp_frame(len);
+        let mut frames: Vec<Frame> = (0..BATCH).map(|_| Frame::from_bytes(&template)).collect();
+        g.bench_function(BenchmarkId::new("restore-34B-headers", name), |b| {
+            b.iter(|| {
+                restore_headers(black_box(&mut frames), black_box(&template));
+            })
+        });
+        g.bench_function(BenchmarkId::new("copy-whole-frame", name), |b| {
+            b.iter(|| {
+                copy_whole(black_box(&mut frames), black_box(&template));
+            })
+        });
+    }
+    g.finish();
+}
+
+/// A cluster-sized route table: 1000 local /32 endpoints, 500 other nodes'
+/// /26 blocks, the pool /16 and a default route.
+fn cluster_lpm() -> Lpm<u32, NextHop> {
+    let mut t = Lpm::default();
+    let base = u32::from(ip("10.65.0.0"));
+    for i in 0..1000u32 {
+        t.insert(base + 2 + i, 32, NextHop::Port(i % 64));
+    }
+    for i in 0..500u32 {
+        t.insert(base + (1 << 12) + (i << 6), 26, NextHop::Port(HOST));
+    }
+    t.insert(base, 16, NextHop::Unreachable);
+    t.insert(0, 0, NextHop::Port(HOST));
+    t
+}
+
+fn lpm(c: &mut Criterion) {
+    const N: usize = 256;
+    let t = cluster_lpm();
+    let base = u32::from(ip("10.65.0.0"));
+    // Addresses that match a /32, a /26, only the /16, only the default.
+    let sets: [(&str, Vec<u32>); 4] = [
+        ("hit-32", (0..N as u32).map(|i| base + 2 + (i * 3) % 1000).collect()),
+        ("hit-26", (0..N as u32).map(|i| base + (1 << 12) + (i << 6) + 5).collect()),
+        ("hit-16", (0..N as u32).map(|i| base + 0xff00 + i % 200).collect()),
+        ("default", (0..N as u32).map(|i| u32::from(ip("198.51.100.0")) + i).collect()),
+    ];
+    let mut g = c.benchmark_group("lpm/v4");
+    g.throughput(Throughput::Elements(N as u64));
+    for (name, addrs) in &sets {
+        assert!(addrs.iter().all(|a| t.lookup(*a).is_some()));
+        g.bench_function(*name, |b| {
+            b.iter(|| {
+                let t = black_box(&t);
+                let mut hits = 0u32;
+                for a in black_box(addrs) {
+                    if let Some(NextHop::Port(p)) = t.lookup(*a) {
+                        hits = hits.wrapping_add(*p);
+                    }
+                }
+                hits
+            })
+        });
+    }
+    g.finish();
+}
+
+/// A TCP/IPv4 GSO frame of the largest size (IP total length 65535), as a
+/// TAP hands it over with offloads on.
+fn tcp_gso_frame(mss: u16) -> (Frame, usize) {
+    let payload_len = 65535 - 40;
+    let payload: Vec<u8> = (0..payload_len).map(|i| (i * 7) as u8).collect();
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(MAC_A.0, GW.0)
+        .ipv4(ip("10.65.0.2").octets(), ip("10.65.0.3").octets(), 64)
+        .tcp(40000, 5201, 1000, 64000)
+        .ack(77)
+        .psh()
+        .write(&mut v, &payload)
+        .unwrap();
+    let mut f = Frame::from_bytes(&v);
+    f.vnet.flags = F_NEEDS_CSUM;
+    f.vnet.gso_type = GsoType::TcpV4;
+    f.vnet.gso_size = mss;
+    f.vnet.csum_start = 34;
+    f.vnet.csum_offset = 16;
+    f.vnet.hdr_len = 54;
+    (f, payload_len)
+}
+
+fn gso(c: &mut Criterion) {
+    let mss = 1448u16;
+    let (f, payload_len) = tcp_gso_frame(mss);
+    let segs = payload_len.div_ceil(usize::from(mss));
+    let mut out = Vec::with_capacity(segs);
+    ocelot_dataplane::gso::segment(&f, &mut out).unwrap();
+    assert_eq!(out.len(), segs);
+    let mut g = c.benchmark_group("gso");
+    // Bytes of TCP payload cut per second; divide the time by `segs` for
+    // the cost per segment.
+    g.throughput(Throughput::Bytes(payload_len as u64));
+    g.bench_function(format!("tcp4-64KiB-mss{mss}-{segs}segs"), |b| {
+        b.iter(|| {
+            out.clear();
+            ocelot_dataplane::gso::segment(black_box(&f), &mut out).unwrap();
+            black_box(&out);
+        })
+    });
+    // The part of it that is the Internet checksum over the whole payload.
+    let data = f.data().to_vec();
+    g.bench_function("csum-64KiB", |b| {
+        b.iter(|| ocelot_dataplane::csum::checksum(black_box(&data)))
+    });
+    g.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3))
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = forward, lpm, gso
+}
+criterion_main!(benches);

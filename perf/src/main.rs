@@ -1,0 +1,201 @@
+//! `ocelot-perf`: measure Ocelot against the kernel path in one run.
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+use ocelot_perf::scenario::{self, same_node, SuiteParams, Test};
+use ocelot_perf::{interrupt, tools};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "ocelot-perf",
+    version,
+    about = "Measure pod-to-pod performance through Ocelot's user-space dataplane and through \
+             the kernel path Calico programs, in the same run, and print the ratios.",
+    long_about = None,
+    after_help = "\
+Needs root (it creates network namespaces), iperf3, sockperf, iproute2 and ping
+(`apt-get install -y iperf3 sockperf iproute2 iputils-ping`), and the dataplane
+binary next to this one (`cargo build --release -p ocelot-dataplane -p ocelot-perf`)
+or in $OCELOT_BIN_DIR. Everything it creates is removed at the end, also on
+failure or Ctrl-C. Progress goes to stderr; the table (or --json) to stdout.
+
+Example:
+  target/release/ocelot-perf same-node
+  target/release/ocelot-perf --json same-node --duration 10 --streams 2 > same-node.json"
+)]
+struct Cli {
+    /// Print the report as JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    /// No progress lines on stderr.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Two pods on one node: pod A -> pod B through the Ocelot dataplane
+    /// (TAP eth0) vs through the kernel as Calico programs it (veth, proxy
+    /// ARP, /32 routes). Metrics: TCP throughput, UDP small-packet rate and
+    /// loss, TCP round-trip latency p50/p99 (sockperf), and the dataplane's
+    /// CPU (idle and under load) and memory.
+    SameNode(SameNodeArgs),
+}
+
+/// Parameters every scenario takes.
+#[derive(Args)]
+struct SuiteArgs {
+    /// Seconds measured per test and path (iperf3 -t, sockperf -t).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=3600))]
+    duration: u32,
+    /// Seconds at the start of each iperf3 run left out of the result
+    /// (iperf3 -O): TCP slow start, first ARP.
+    #[arg(long, default_value_t = 1)]
+    warmup: u32,
+    /// Parallel TCP streams (iperf3 -P).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=128))]
+    streams: u32,
+    /// UDP payload size in bytes for the packet-rate test (iperf3 -l).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(16..=1472))]
+    udp_len: u32,
+    /// Seconds over which the idle dataplane's CPU use is measured.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=600))]
+    idle_secs: u32,
+    /// Tests to run, in this order.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "tcp,udp,rtt,idle")]
+    tests: Vec<Test>,
+    /// TCP port of the iperf3 servers.
+    #[arg(long, default_value_t = 5201)]
+    iperf_port: u16,
+    /// TCP port of the sockperf servers.
+    #[arg(long, default_value_t = 11111)]
+    sockperf_port: u16,
+}
+
+#[derive(Args)]
+struct SameNodeArgs {
+    #[command(flatten)]
+    suite: SuiteArgs,
+    /// IP pool routed to the Ocelot dataplane.
+    #[arg(long, default_value = "10.66.0.0/16")]
+    pool: String,
+    /// The node's own address (on lo for Ocelot, on a stub uplink for the kernel path).
+    #[arg(long, default_value = "192.0.2.10")]
+    node_ip: String,
+    /// Address of pod A, the client.
+    #[arg(long, default_value = "10.66.0.2")]
+    client_ip: String,
+    /// Address of pod B, the server.
+    #[arg(long, default_value = "10.66.0.3")]
+    server_ip: String,
+    /// Extra flags for `ocelot-dataplane run`, e.g. "--cores 1" or "--busy-poll"
+    /// (with --busy-poll the idle CPU is a whole core by design).
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    dp_args: String,
+}
+
+impl SuiteArgs {
+    fn params(&self) -> SuiteParams {
+        SuiteParams {
+            duration: self.duration,
+            warmup: self.warmup,
+            streams: self.streams,
+            udp_len: self.udp_len,
+            idle_secs: self.idle_secs,
+            tests: self.tests.clone(),
+            iperf_port: self.iperf_port,
+            sockperf_port: self.sockperf_port,
+        }
+    }
+}
+
+/// Root, the tools, and the dataplane binary (whose directory is handed to
+/// `ocelot-tests` through OCELOT_BIN_DIR).
+fn preflight() -> Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("must run as root: it creates network namespaces, veth and TAP devices");
+    }
+    tools::check_installed(&["ip", "ss", "ping", "iperf3", "sockperf"])?;
+    let dir = match std::env::var_os("OCELOT_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let exe = std::env::current_exe()?;
+            let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+            // Single-threaded here: nothing else reads the environment yet.
+            std::env::set_var("OCELOT_BIN_DIR", &dir);
+            dir
+        }
+    };
+    let dp = dir.join("ocelot-dataplane");
+    if !dp.is_file() {
+        bail!(
+            "{} not found: build it with `cargo build --release -p ocelot-dataplane` \
+             (or point OCELOT_BIN_DIR at the directory holding it)",
+            dp.display()
+        );
+    }
+    Ok(())
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    preflight()?;
+    let quiet = cli.quiet;
+    let progress = move |s: &str| {
+        if !quiet {
+            eprintln!("ocelot-perf: {s}");
+        }
+    };
+    let report = match &cli.cmd {
+        Cmd::SameNode(a) => {
+            let p = same_node::SameNodeParams {
+                pool: a.pool.clone(),
+                node_ip: a.node_ip.clone(),
+                client_ip: a.client_ip.clone(),
+                server_ip: a.server_ip.clone(),
+                dp_args: a.dp_args.clone(),
+            };
+            scenario::same_node::run(&a.suite.params(), &p, &progress)?
+        }
+    };
+    if cli.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_table());
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    interrupt::install();
+    // The namespace toolkit panics on failure; report that like any error.
+    // The guards run while the panic unwinds, before we get here.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("panic");
+        let at =
+            info.location().map(|l| format!(" ({}:{})", l.file(), l.line())).unwrap_or_default();
+        eprintln!("ocelot-perf: error: {msg}{at}");
+    }));
+    match std::panic::catch_unwind(|| run(&cli)) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("ocelot-perf: error: {e:#}");
+            eprintln!("ocelot-perf: everything it created was removed");
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!("ocelot-perf: everything it created was removed");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! Topologies to measure on: RAII guards that build namespaces, links and
+//! processes, and remove them all when dropped (namespaces are deleted with
+//! every process still inside, which also removes their veth/TAP devices).
+
+use anyhow::{bail, Result};
+use ocelot_tests::{sh, wait_until, DataplaneNode, Netns};
+use std::time::Duration;
+
+/// Two pods to measure between: the client sends to the server.
+pub trait PodPair {
+    /// Short name of the path, e.g. `ocelot` or `kernel`.
+    fn label(&self) -> &str;
+    fn client(&self) -> &Netns;
+    fn server(&self) -> &Netns;
+    fn client_ip(&self) -> &str;
+    fn server_ip(&self) -> &str;
+
+    /// Fail unless the client reaches the server (ARP for the gateway,
+    /// forwarding and the way back all work).
+    fn check_connectivity(&self) -> Result<()> {
+        let ok = wait_until(Duration::from_secs(5), || self.client().ping(self.server_ip()));
+        if !ok {
+            bail!(
+                "{}: pod {} cannot ping pod {}",
+                self.label(),
+                self.client_ip(),
+                self.server_ip()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A pod namespace and its address.
+pub struct Pod {
+    pub ns: Netns,
+    pub ip: String,
+}
+
+/// One node running Ocelot's dataplane, with two pods attached to it by
+/// TAP devices (the same calls the CNI plugin makes).
+pub struct OcelotSameNode {
+    // Fields drop in order: pods first, then the node (dataplane and its
+    // namespace).
+    pub client: Pod,
+    pub server: Pod,
+    pub node: DataplaneNode,
+}
+
+impl OcelotSameNode {
+    /// `node_ip` goes on the node's `lo`; `pool` is routed to the dataplane;
+    /// `dp_args` are extra `ocelot-dataplane run` flags (`--cores 1`...).
+    pub fn start(
+        node_ip: &str,
+        pool: &str,
+        client_ip: &str,
+        server_ip: &str,
+        dp_args: &str,
+    ) -> OcelotSameNode {
+        let node = DataplaneNode::start("pfo-n", node_ip, pool, dp_args);
+        let client = Pod { ns: node.add_pod("pfo-a", client_ip), ip: client_ip.into() };
+        let server = Pod { ns: node.add_pod("pfo-b", server_ip), ip: server_ip.into() };
+        OcelotSameNode { client, server, node }
+    }
+
+    /// PID of the dataplane process. The toolkit starts it with
+    /// `ip netns exec NS sh -c "exec ..."`: both exec, so the PID of the
+    /// child is the dataplane's; checked against its name anyway.
+    pub fn dataplane_pid(&self) -> Result<u32> {
+        let pid = self.node.proc.pid();
+        match crate::procfs::comm(pid) {
+            Some(c) if c.starts_with("ocelot-datap") => Ok(pid),
+            other => bail!(
+                "process {pid} is {other:?}, not the dataplane; log:\n{}",
+                self.node.proc.log_text()
+            ),
+        }
+    }
+}
+
+impl PodPair for OcelotSameNode {
+    fn label(&self) -> &str {
+        "ocelot"
+    }
+    fn client(&self) -> &Netns {
+        &self.client.ns
+    }
+    fn server(&self) -> &Netns {
+        &self.server.ns
+    }
+    fn client_ip(&self) -> &str {
+        &self.client.ip
+    }
+    fn server_ip(&self) -> &str {
+        &self.server.ip
+    }
+}
+
+/// MAC of the node side of every pod veth, as Calico sets it.
+pub const CALICO_MAC: &str = "ee:ee:ee:ee:ee:ee";
+
+/// One node whose kernel forwards between two pods the way Calico programs
+/// it: each pod joined to the node by a veth pair; in the pod, `eth0` with
+/// the pod's /32 and routes via 169.254.1.1; on the node side, no address,
+/// proxy ARP (without delay) so the node answers for 169.254.1.1, and a /32
+/// route to the pod through its veth; IPv4 forwarding on.
+///
+/// Proxy ARP only answers when the node has a route to the asked address
+/// out of another interface. On a real node that is the default route
+/// through the uplink; here the uplink is a stub veth pair inside the node
+/// namespace, carrying the node IP and the default route.
+pub struct KernelSameNode {
+    pub client: Pod,
+    pub server: Pod,
+    pub node: Netns,
+}
+
+impl KernelSameNode {
+    pub fn start(node_ip: &str, client_ip: &str, server_ip: &str) -> KernelSameNode {
+        let node = Netns::new("pfk-n");
+        let n = &node.name;
+        node.exec("sysctl -qw net.ipv4.ip_forward=1");
+        sh(&format!("ip -n {n} link add uplink0 type veth peer name uplink1"));
+        sh(&format!("ip -n {n} addr add {node_ip}/32 dev uplink0"));
+        sh(&format!("ip -n {n} link set uplink1 up"));
+        sh(&format!("ip -n {n} link set uplink0 up"));
+        sh(&format!("ip -n {n} route add default dev uplink0"));
+        let client = Pod { ns: Netns::new("pfk-a"), ip: client_ip.into() };
+        let server = Pod { ns: Netns::new("pfk-b"), ip: server_ip.into() };
+        let k = KernelSameNode { client, server, node };
+        k.attach(&k.client, "cali0");
+        k.attach(&k.server, "cali1");
+        k
+    }
+
+    fn attach(&self, pod: &Pod, host_if: &str) {
+        let (n, p, ip) = (&self.node.name, &pod.ns.name, &pod.ip);
+        sh(&format!("ip -n {n} link add {host_if} type veth peer name eth0 netns {p}"));
+        sh(&format!("ip -n {n} link set {host_if} address {CALICO_MAC}"));
+        self.node.exec(&format!(
+            "sysctl -qw net.ipv4.conf.{host_if}.proxy_arp=1 net.ipv4.neigh.{host_if}.proxy_delay=0"
+        ));
+        sh(&format!("ip -n {n} link set {host_if} up"));
+        sh(&format!("ip -n {n} route add {ip}/32 dev {host_if}"));
+        sh(&format!("ip -n {p} addr add {ip}/32 dev eth0"));
+        sh(&format!("ip -n {p} link set eth0 up"));
+        sh(&format!("ip -n {p} route add 169.254.1.1 dev eth0 scope link"));
+        sh(&format!("ip -n {p} route add default via 169.254.1.1 dev eth0"));
+    }
+}
+
+impl PodPair for KernelSameNode {
+    fn label(&self) -> &str {
+        "kernel"
+    }
+    fn client(&self) -> &Netns {
+        &self.client.ns
+    }
+    fn server(&self) -> &Netns {
+        &self.server.ns
+    }
+    fn client_ip(&self) -> &str {
+        &self.client.ip
+    }
+    fn server_ip(&self) -> &str {
+        &self.server.ip
+    }
+}
