@@ -1,1 +1,6 @@
+//! The Ocelot node agent and its CLI: the datastore, IPAM, the CNI server,
+//! the dataplane programming, and the lab.
 
+pub mod agent;
+pub mod lab;
+pub mod model;

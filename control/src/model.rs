@@ -1,0 +1,351 @@
+//! The cluster as the agent sees it: the few fields of Kubernetes objects
+//! (and of our `IPPool`) that Ocelot uses. Both datastores — a directory of
+//! YAML, and later the Kubernetes API — produce these.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectMeta {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeAddress {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub address: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSpec {
+    #[serde(default, rename = "podCIDR", skip_serializing_if = "Option::is_none")]
+    pub pod_cidr: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<NodeAddress>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Node {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: NodeSpec,
+    #[serde(default)]
+    pub status: NodeStatus,
+}
+
+impl Node {
+    /// The node's `InternalIP`, if it has one.
+    pub fn internal_ip(&self) -> Option<std::net::IpAddr> {
+        self.status
+            .addresses
+            .iter()
+            .find(|a| a.kind == "InternalIP")
+            .and_then(|a| a.address.parse().ok())
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Namespace {
+    pub metadata: ObjectMeta,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerPort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub container_port: u16,
+    /// TCP (default), UDP or SCTP.
+    #[serde(default = "tcp")]
+    pub protocol: String,
+}
+
+fn tcp() -> String {
+    "TCP".into()
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Container {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<ContainerPort>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    #[serde(default)]
+    pub containers: Vec<Container>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pod {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: PodSpec,
+}
+
+impl Pod {
+    pub fn namespace(&self) -> &str {
+        self.metadata.namespace.as_deref().unwrap_or("default")
+    }
+
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace(), self.metadata.name)
+    }
+}
+
+/// Encapsulation mode of a pool, as Calico spells it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EncapMode {
+    Always,
+    CrossSubnet,
+    #[default]
+    Never,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IpPoolSpec {
+    pub cidr: String,
+    #[serde(default = "default_block_size")]
+    pub block_size: u8,
+    #[serde(default)]
+    pub vxlan_mode: EncapMode,
+    #[serde(default, rename = "ipipMode")]
+    pub ipip_mode: EncapMode,
+    #[serde(default)]
+    pub nat_outgoing: bool,
+    /// Which nodes may take blocks from the pool: `all()` (default), or
+    /// `key == 'value'` terms joined by `&&`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<String>,
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+fn default_block_size() -> u8 {
+    26
+}
+
+/// `ocelot.dev/v1` `IPPool`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpPool {
+    pub metadata: ObjectMeta,
+    pub spec: IpPoolSpec,
+}
+
+/// One object of any kind Ocelot reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Object {
+    Node(Node),
+    Namespace(Namespace),
+    Pod(Pod),
+    IpPool(IpPool),
+}
+
+impl Object {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Object::Node(_) => "Node",
+            Object::Namespace(_) => "Namespace",
+            Object::Pod(_) => "Pod",
+            Object::IpPool(_) => "IPPool",
+        }
+    }
+
+    pub fn meta(&self) -> &ObjectMeta {
+        match self {
+            Object::Node(o) => &o.metadata,
+            Object::Namespace(o) => &o.metadata,
+            Object::Pod(o) => &o.metadata,
+            Object::IpPool(o) => &o.metadata,
+        }
+    }
+
+    /// `Kind/namespace/name` (cluster-scoped kinds have no namespace).
+    pub fn key(&self) -> String {
+        match self {
+            Object::Pod(p) => format!("Pod/{}", p.key()),
+            o => format!("{}/{}", o.kind(), o.meta().name),
+        }
+    }
+}
+
+/// Why a YAML document was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error("document {doc}: not valid YAML: {err}")]
+    Yaml { doc: usize, err: String },
+    #[error("document {doc}: {kind} {name:?}: {err}")]
+    Invalid { doc: usize, kind: String, name: String, err: String },
+}
+
+/// Parse multi-document Kubernetes YAML. Kinds Ocelot does not read are
+/// skipped (and returned by name so callers can say so); a document that is
+/// not valid YAML, or an object of a known kind with bad fields, is an error.
+pub fn parse_documents(text: &str) -> Result<(Vec<Object>, Vec<String>), ParseError> {
+    let mut objects = Vec::new();
+    let mut skipped = Vec::new();
+    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let doc_no = i + 1;
+        let v = serde_norway::Value::deserialize(doc)
+            .map_err(|e| ParseError::Yaml { doc: doc_no, err: e.to_string() })?;
+        if v.is_null() {
+            continue;
+        }
+        let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
+        let name = v
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|n| n.as_str())
+            .unwrap_or("")
+            .to_string();
+        let bad = |e: serde_norway::Error| ParseError::Invalid {
+            doc: doc_no,
+            kind: kind.clone(),
+            name: name.clone(),
+            err: e.to_string(),
+        };
+        let obj = match kind.as_str() {
+            "Node" => Object::Node(serde_norway::from_value(v.clone()).map_err(bad)?),
+            "Namespace" => Object::Namespace(serde_norway::from_value(v.clone()).map_err(bad)?),
+            "Pod" => Object::Pod(serde_norway::from_value(v.clone()).map_err(bad)?),
+            "IPPool" => Object::IpPool(serde_norway::from_value(v.clone()).map_err(bad)?),
+            "" => {
+                return Err(ParseError::Invalid { doc: doc_no, kind, name, err: "no kind".into() });
+            }
+            _ => {
+                skipped.push(format!("{kind}/{name}"));
+                continue;
+            }
+        };
+        if obj.meta().name.is_empty() {
+            return Err(ParseError::Invalid {
+                doc: doc_no,
+                kind,
+                name,
+                err: "metadata.name is empty".into(),
+            });
+        }
+        objects.push(obj);
+    }
+    Ok((objects, skipped))
+}
+
+/// Write an object back as YAML (with its apiVersion and kind).
+pub fn to_yaml(o: &Object) -> String {
+    let (api, body) = match o {
+        Object::Node(x) => ("v1", serde_norway::to_value(x)),
+        Object::Namespace(x) => ("v1", serde_norway::to_value(x)),
+        Object::Pod(x) => ("v1", serde_norway::to_value(x)),
+        Object::IpPool(x) => ("ocelot.dev/v1", serde_norway::to_value(x)),
+    };
+    let mut m = serde_norway::Mapping::new();
+    m.insert("apiVersion".into(), api.into());
+    m.insert("kind".into(), o.kind().into());
+    if let Ok(serde_norway::Value::Mapping(b)) = body {
+        for (k, v) in b {
+            m.insert(k, v);
+        }
+    }
+    serde_norway::to_string(&m).unwrap_or_default()
+}
+
+use serde::Deserialize as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+apiVersion: ocelot.dev/v1
+kind: IPPool
+metadata: {name: default}
+spec: {cidr: 10.65.0.0/16, natOutgoing: true}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-1}
+status:
+  addresses: [{type: InternalIP, address: 192.0.2.11}]
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: x, labels: {ns: x}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {pod: a}, annotations: {ocelot.dev/ip-addrs: '["10.65.0.7"]'}}
+spec:
+  nodeName: node-1
+  containers:
+  - name: c
+    ports: [{containerPort: 80, name: serve-80-tcp}, {containerPort: 81, protocol: UDP}]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: ignored}
+"#;
+
+    #[test]
+    fn parses_the_kinds_we_read() {
+        let (objs, skipped) = parse_documents(SAMPLE).unwrap();
+        assert_eq!(objs.len(), 4);
+        assert_eq!(skipped, vec!["ConfigMap/ignored"]);
+        let Object::IpPool(p) = &objs[0] else { panic!() };
+        assert_eq!(p.spec.block_size, 26);
+        assert!(p.spec.nat_outgoing);
+        assert_eq!(p.spec.vxlan_mode, EncapMode::Never);
+        let Object::Node(n) = &objs[1] else { panic!() };
+        assert_eq!(n.internal_ip(), Some("192.0.2.11".parse().unwrap()));
+        let Object::Pod(pod) = &objs[3] else { panic!() };
+        assert_eq!(pod.key(), "x/a");
+        assert_eq!(pod.spec.containers[0].ports[0].protocol, "TCP");
+        assert_eq!(pod.spec.containers[0].ports[1].protocol, "UDP");
+        assert_eq!(objs[3].key(), "Pod/x/a");
+    }
+
+    #[test]
+    fn yaml_roundtrip() {
+        let (objs, _) = parse_documents(SAMPLE).unwrap();
+        for o in &objs {
+            let (back, _) = parse_documents(&to_yaml(o)).unwrap();
+            assert_eq!(&back[0], o);
+        }
+    }
+
+    #[test]
+    fn bad_documents_are_clear_errors() {
+        assert!(matches!(
+            parse_documents("kind: Pod\nmetadata: [oops"),
+            Err(ParseError::Yaml { .. })
+        ));
+        let e =
+            parse_documents("kind: Pod\nmetadata: {name: p}\nspec: {containers: 5}").unwrap_err();
+        assert!(e.to_string().contains("Pod \"p\""), "{e}");
+        assert!(parse_documents("kind: Pod\nmetadata: {name: ''}").is_err());
+        assert!(parse_documents("metadata: {name: x}").is_err());
+    }
+}
