@@ -66,6 +66,13 @@ pub struct Interface {
     pub mtu: Option<u32>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sandbox: String,
+    /// CNI 1.1.0 `socketPath` (vhost-user and the like); kept so a chained
+    /// `prevResult` passes through unchanged.
+    #[serde(rename = "socketPath", default, skip_serializing_if = "String::is_empty")]
+    pub socket_path: String,
+    /// CNI 1.1.0 `pciID`; kept for the same reason.
+    #[serde(rename = "pciID", default, skip_serializing_if = "String::is_empty")]
+    pub pci_id: String,
 }
 
 /// An address in a result (`address` is `IP/prefix`).
@@ -84,6 +91,18 @@ pub struct Route {
     pub dst: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gw: Option<String>,
+    /// CNI 1.1.0 route attributes (`mtu`, `advmss`, `priority`, `table`,
+    /// `scope`); kept so a chained `prevResult` passes through unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advmss: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<u32>,
 }
 
 /// DNS settings in a result.
