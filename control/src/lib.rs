@@ -2,5 +2,6 @@
 //! the dataplane programming, and the lab.
 
 pub mod agent;
+pub mod ipam;
 pub mod lab;
 pub mod model;

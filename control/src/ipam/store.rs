@@ -1,0 +1,83 @@
+//! IPAM state in a file shared by every agent using one datastore
+//! directory. Each change is a transaction: take an exclusive `flock` on
+//! the lock file, read, change, write a new file and rename it into place,
+//! release. A crash mid-way leaves the old file whole; concurrent writers
+//! (threads or processes) are serialised, so no address is handed out twice.
+
+use super::IpamState;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+pub struct FileStore {
+    dir: PathBuf,
+}
+
+struct Locked(File);
+
+impl Drop for Locked {
+    fn drop(&mut self) {
+        // SAFETY: the fd is open for the life of `self.0`.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+impl FileStore {
+    /// IPAM state under `dir` (created if missing).
+    pub fn open(dir: &Path) -> io::Result<FileStore> {
+        std::fs::create_dir_all(dir)?;
+        Ok(FileStore { dir: dir.to_path_buf() })
+    }
+
+    fn lock(&self) -> io::Result<Locked> {
+        let f = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(self.dir.join("lock"))?;
+        loop {
+            // SAFETY: flock on an fd we own; blocks until the lock is ours.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(Locked(f));
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    fn read(&self) -> io::Result<IpamState> {
+        let p = self.dir.join("state.json");
+        match std::fs::read(&p) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}; refusing to overwrite it", p.display()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(IpamState::default()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn write(&self, s: &IpamState) -> io::Result<()> {
+        let tmp = self.dir.join(format!("state.json.{}.tmp", std::process::id()));
+        let mut f = File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec(s).map_err(io::Error::other)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, self.dir.join("state.json"))
+    }
+
+    /// Run `f` on the state under the lock; the state is written back only
+    /// when `f` changed it.
+    pub fn transact<R>(&self, f: impl FnOnce(&mut IpamState) -> R) -> io::Result<R> {
+        let _lock = self.lock()?;
+        let mut s = self.read()?;
+        let before = s.clone();
+        let r = f(&mut s);
+        if s != before {
+            self.write(&s)?;
+        }
+        Ok(r)
+    }
+
+    /// A copy of the current state.
+    pub fn load(&self) -> io::Result<IpamState> {
+        let _lock = self.lock()?;
+        self.read()
+    }
+}
