@@ -2,6 +2,8 @@
 //! the dataplane programming, and the lab.
 
 pub mod agent;
+pub mod datastore;
 pub mod ipam;
 pub mod lab;
 pub mod model;
+pub mod signals;

@@ -1,6 +1,26 @@
-//! The node agent: datastore → IPAM and endpoints → dataplane; CNI server.
+//! The node agent: datastore → IPAM and endpoints → dataplane, and the CNI
+//! server the plugin talks to.
+//!
+//! ```text
+//!  datastore dir ──watch──> Cluster ──┐
+//!  ocelot-cni ──socket──> CNI server ─┼─> IPAM (shared locked file) ──> endpoints
+//!                                     └─> DataplaneLink ──sync/add/remove──> ocelot-dataplane
+//! ```
+//! The IPAM allocations of this node are the desired endpoints: every
+//! (re)connection to the dataplane sends them all (`sync`).
 
+mod cni;
+mod dataplane;
+pub mod pools;
+
+use crate::datastore::{Cluster, Datastore, DirDatastore};
+use crate::ipam::store::FileStore;
+use crate::ipam::Ipam;
+use dataplane::DataplaneLink;
+use ocelot_dataplane::api::{Cidr, EndpointSpec};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 /// `ocelot agent` flags.
 #[derive(clap::Args, Debug, Clone)]
@@ -19,11 +39,155 @@ pub struct AgentArgs {
     /// The socket the CNI plugin talks to (created root-only).
     #[arg(long, default_value = "/run/ocelot/cni.sock")]
     pub cni_socket: PathBuf,
-    /// MTU of the pods' interfaces (0 = auto: 1500 until the overlay lands).
+    /// MTU of the pods' interfaces (0 = auto: the CNI config's `mtu`, else 1500).
     #[arg(long, default_value_t = 0)]
     pub mtu: u32,
+    /// How often the datastore directory is checked for changes, in ms.
+    #[arg(long, default_value_t = 200)]
+    pub poll_ms: u64,
 }
 
-pub fn run(_args: AgentArgs) -> anyhow::Result<()> {
-    anyhow::bail!("the agent is being built")
+/// Attribute keys stored with each allocation, to rebuild endpoints.
+pub(crate) mod attr {
+    pub const NETNS: &str = "netns";
+    pub const IFNAME: &str = "ifname";
+    pub const ENDPOINT: &str = "endpoint";
+    pub const MTU: &str = "mtu";
+    pub const CONTAINER: &str = "containerID";
+}
+
+pub struct Agent {
+    pub node: String,
+    pub args: AgentArgs,
+    pub ipam: FileStore,
+    pub cluster: RwLock<Cluster>,
+    datastore: Mutex<DirDatastore>,
+    dataplane: DataplaneLink,
+}
+
+impl Agent {
+    pub fn new(args: AgentArgs) -> anyhow::Result<Agent> {
+        let ds = DirDatastore::open(&args.datastore)?;
+        let ipam = FileStore::open(&args.datastore.join(".ipam"))?;
+        Ok(Agent {
+            node: args.node.clone(),
+            cluster: RwLock::new(ds.cluster().clone()),
+            datastore: Mutex::new(ds),
+            ipam,
+            dataplane: DataplaneLink::new(args.dataplane_socket.clone()),
+            args,
+        })
+    }
+
+    /// Re-read the datastore; true when something changed.
+    pub fn refresh(&self) -> bool {
+        let mut ds = self.datastore.lock().unwrap_or_else(|e| e.into_inner());
+        if ds.refresh() {
+            *self.cluster.write().unwrap_or_else(|e| e.into_inner()) = ds.cluster().clone();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The pool CIDRs routed into this node's dataplane: every enabled pool,
+    /// and the node's podCIDR.
+    pub fn dataplane_pools(&self) -> Vec<Cidr> {
+        let c = self.cluster.read().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<Cidr> = c
+            .pools
+            .values()
+            .filter(|p| !p.spec.disabled)
+            .filter_map(|p| p.spec.cidr.parse().ok())
+            .collect();
+        if let Some(pc) = c
+            .nodes
+            .get(&self.node)
+            .and_then(|n| n.spec.pod_cidr.as_ref())
+            .and_then(|s| s.parse().ok())
+        {
+            v.push(pc);
+        }
+        v.into_iter().map(|c| crate::ipam::network(&c)).collect()
+    }
+
+    /// This node's endpoints, from its IPAM allocations.
+    pub fn desired_endpoints(&self) -> Vec<EndpointSpec> {
+        let st = match self.ipam.load() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot read IPAM state: {e}");
+                return Vec::new();
+            }
+        };
+        let mut st = st;
+        let ipam = Ipam { state: &mut st, node: &self.node };
+        ipam.node_allocations()
+            .into_values()
+            .filter_map(|(ips, a)| {
+                Some(EndpointSpec {
+                    name: a.attrs.get(attr::ENDPOINT)?.clone(),
+                    netns: a.attrs.get(attr::NETNS)?.into(),
+                    ifname: a.attrs.get(attr::IFNAME)?.clone(),
+                    mac: None,
+                    ips,
+                    mtu: a.attrs.get(attr::MTU).and_then(|m| m.parse().ok()).unwrap_or(1500),
+                })
+            })
+            .collect()
+    }
+
+    /// Connect to the dataplane if needed (with a full sync).
+    pub fn ensure_dataplane(&self) -> bool {
+        match self.dataplane.ensure(|| (self.desired_endpoints(), self.dataplane_pools())) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!("{e}");
+                false
+            }
+        }
+    }
+
+    /// Push the full state now (after a datastore change).
+    pub fn resync(&self) {
+        self.dataplane.reset();
+        self.ensure_dataplane();
+    }
+}
+
+/// The endpoint name for a handle: unique per container and interface,
+/// 15 characters at most (it names the TAP before it moves into the pod).
+pub fn endpoint_name(handle: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in handle.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("oc{:013x}", h & 0x000f_ffff_ffff_ffff)
+}
+
+pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let set = crate::signals::block_termination();
+    let agent = Arc::new(Agent::new(args.clone())?);
+    tracing::info!(node = %agent.node, datastore = %args.datastore.display(), "agent starting");
+    if !agent.cluster.read().unwrap_or_else(|e| e.into_inner()).nodes.contains_key(&agent.node) {
+        tracing::warn!(node = %agent.node, "no Node object with this name in the datastore yet");
+    }
+    cni::serve(&args.cni_socket, agent.clone())?;
+    let a = agent.clone();
+    std::thread::Builder::new().name("ocelot-watch".into()).spawn(move || loop {
+        let changed = a.refresh();
+        if changed {
+            tracing::info!("datastore changed");
+            a.resync();
+        } else if !a.dataplane.connected() {
+            a.ensure_dataplane();
+        }
+        std::thread::sleep(Duration::from_millis(a.args.poll_ms));
+    })?;
+    agent.ensure_dataplane();
+    crate::signals::wait(&set);
+    tracing::info!("agent stopping; the dataplane keeps forwarding");
+    let _ = std::fs::remove_file(&args.cni_socket);
+    Ok(())
 }
