@@ -273,7 +273,6 @@ pub fn to_yaml(o: &Object) -> String {
     serde_norway::to_string(&m).unwrap_or_default()
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -130,7 +130,9 @@ pub fn contains(c: &Cidr, ip: &IpAddr) -> bool {
 /// The network address of `c` (host bits cleared).
 pub fn network(c: &Cidr) -> Cidr {
     match c.addr {
-        IpAddr::V4(a) => Cidr { addr: IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask(c.len))), len: c.len },
+        IpAddr::V4(a) => {
+            Cidr { addr: IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask(c.len))), len: c.len }
+        }
         IpAddr::V6(a) => {
             let m = if c.len == 0 { 0 } else { u128::MAX << (128 - u32::from(c.len)) };
             Cidr { addr: IpAddr::V6((u128::from(a) & m).into()), len: c.len }
@@ -147,7 +149,13 @@ pub struct Ipam<'a> {
 impl Ipam<'_> {
     /// The addresses a handle holds.
     pub fn find(&self, handle: &str) -> Vec<IpAddr> {
-        self.state.blocks.values().flat_map(|b| b.allocations.iter()).filter(|(_, a)| a.handle == handle).map(|(ip, _)| *ip).collect()
+        self.state
+            .blocks
+            .values()
+            .flat_map(|b| b.allocations.iter())
+            .filter(|(_, a)| a.handle == handle)
+            .map(|(ip, _)| *ip)
+            .collect()
     }
 
     /// Allocate for `alloc.handle`; a handle that already holds addresses
@@ -164,14 +172,20 @@ impl Ipam<'_> {
         }
     }
 
-    fn specific(&mut self, ips: &[IpAddr], pools: &[PoolSpec], alloc: Allocation) -> Result<Allocated, IpamError> {
+    fn specific(
+        &mut self,
+        ips: &[IpAddr],
+        pools: &[PoolSpec],
+        alloc: Allocation,
+    ) -> Result<Allocated, IpamError> {
         if ips.is_empty() {
             return Err(IpamError::Invalid("the requested address list is empty".into()));
         }
         // Check everything first: a request is granted whole or not at all.
         let mut plan = Vec::new();
         for ip in ips {
-            let pool = pools.iter().find(|p| contains(&p.cidr, ip)).ok_or(IpamError::OutsidePools(*ip))?;
+            let pool =
+                pools.iter().find(|p| contains(&p.cidr, ip)).ok_or(IpamError::OutsidePools(*ip))?;
             let bcidr = block_of(pool, ip).ok_or(IpamError::OutsidePools(*ip))?;
             if let Some(b) = self.state.blocks.get(&bcidr) {
                 if let Some(a) = b.allocations.get(ip) {
@@ -205,10 +219,16 @@ impl Ipam<'_> {
         if pools.is_empty() {
             return Err(IpamError::NoPool);
         }
-        let in_pools = |b: &Block| pools.iter().any(|p| contains(&p.cidr, &b.cidr.addr)) && !b.host_local;
+        let in_pools =
+            |b: &Block| pools.iter().any(|p| contains(&p.cidr, &b.cidr.addr)) && !b.host_local;
         // 1. Our own blocks.
-        let own: Vec<Cidr> =
-            self.state.blocks.values().filter(|b| in_pools(b) && b.affinity.as_deref() == Some(self.node)).map(|b| b.cidr).collect();
+        let own: Vec<Cidr> = self
+            .state
+            .blocks
+            .values()
+            .filter(|b| in_pools(b) && b.affinity.as_deref() == Some(self.node))
+            .map(|b| b.cidr)
+            .collect();
         for c in own {
             if let Some(ip) = self.take_free(&c, &alloc) {
                 return Ok(Allocated { ips: vec![ip], existing: false, borrowed: Vec::new() });
@@ -219,7 +239,13 @@ impl Ipam<'_> {
             if let Some(c) = self.unclaimed_block(p) {
                 self.state.blocks.insert(
                     c,
-                    Block { cidr: c, pool: p.name.clone(), affinity: Some(self.node.to_string()), allocations: BTreeMap::new(), host_local: false },
+                    Block {
+                        cidr: c,
+                        pool: p.name.clone(),
+                        affinity: Some(self.node.to_string()),
+                        allocations: BTreeMap::new(),
+                        host_local: false,
+                    },
                 );
                 if let Some(ip) = self.take_free(&c, &alloc) {
                     return Ok(Allocated { ips: vec![ip], existing: false, borrowed: Vec::new() });
@@ -227,7 +253,13 @@ impl Ipam<'_> {
             }
         }
         // 3. Borrow from another node's block.
-        let others: Vec<Cidr> = self.state.blocks.values().filter(|b| in_pools(b) && b.affinity.as_deref() != Some(self.node)).map(|b| b.cidr).collect();
+        let others: Vec<Cidr> = self
+            .state
+            .blocks
+            .values()
+            .filter(|b| in_pools(b) && b.affinity.as_deref() != Some(self.node))
+            .map(|b| b.cidr)
+            .collect();
         for c in others {
             if let Some(ip) = self.take_free(&c, &alloc) {
                 return Ok(Allocated { ips: vec![ip], existing: false, borrowed: vec![ip] });
@@ -247,9 +279,13 @@ impl Ipam<'_> {
             host_local: true,
         });
         if b.affinity.as_deref() != Some(self.node) || !b.host_local {
-            return Err(IpamError::Invalid(format!("podCIDR {c} overlaps a block of another node or pool")));
+            return Err(IpamError::Invalid(format!(
+                "podCIDR {c} overlaps a block of another node or pool"
+            )));
         }
-        self.take_free(&c, &alloc).map(|ip| Allocated { ips: vec![ip], existing: false, borrowed: Vec::new() }).ok_or(IpamError::Exhausted)
+        self.take_free(&c, &alloc)
+            .map(|ip| Allocated { ips: vec![ip], existing: false, borrowed: Vec::new() })
+            .ok_or(IpamError::Exhausted)
     }
 
     /// Allocate the lowest free address of block `c`. Host-local ranges
@@ -277,8 +313,18 @@ impl Ipam<'_> {
         let n: u64 = 1u64 << (p.block_size - plen);
         let step: u64 = 1u64 << (32 - u32::from(p.block_size));
         (0..n)
-            .map(|i| Cidr { addr: IpAddr::V4(Ipv4Addr::from((u64::from(base) + i * step) as u32)), len: p.block_size })
-            .find(|c| !self.state.blocks.contains_key(c) && !self.state.blocks.keys().any(|k| contains(k, &c.addr) || contains(c, &k.addr)))
+            .map(|i| Cidr {
+                addr: IpAddr::V4(Ipv4Addr::from((u64::from(base) + i * step) as u32)),
+                len: p.block_size,
+            })
+            .find(|c| {
+                !self.state.blocks.contains_key(c)
+                    && !self
+                        .state
+                        .blocks
+                        .keys()
+                        .any(|k| contains(k, &c.addr) || contains(c, &k.addr))
+            })
     }
 
     /// Free everything `handle` holds; returns what was freed.
@@ -318,7 +364,10 @@ impl Ipam<'_> {
         for b in self.state.blocks.values() {
             for (ip, a) in &b.allocations {
                 if a.node == self.node {
-                    out.entry(a.handle.clone()).or_insert_with(|| (Vec::new(), a.clone())).0.push(*ip);
+                    out.entry(a.handle.clone())
+                        .or_insert_with(|| (Vec::new(), a.clone()))
+                        .0
+                        .push(*ip);
                 }
             }
         }

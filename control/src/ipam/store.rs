@@ -31,7 +31,12 @@ impl FileStore {
     }
 
     fn lock(&self) -> io::Result<Locked> {
-        let f = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(self.dir.join("lock"))?;
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(self.dir.join("lock"))?;
         loop {
             // SAFETY: flock on an fd we own; blocks until the lock is ours.
             if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
@@ -47,8 +52,12 @@ impl FileStore {
     fn read(&self) -> io::Result<IpamState> {
         let p = self.dir.join("state.json");
         match std::fs::read(&p) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}; refusing to overwrite it", p.display()))),
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: {e}; refusing to overwrite it", p.display()),
+                )
+            }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(IpamState::default()),
             Err(e) => Err(e),
         }

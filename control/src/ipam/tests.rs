@@ -7,7 +7,12 @@ fn pool(cidr: &str, bs: u8) -> PoolSpec {
 }
 
 fn alloc(node: &str, h: &str) -> Allocation {
-    Allocation { handle: h.into(), node: node.into(), pod: format!("ns/{h}"), attrs: Default::default() }
+    Allocation {
+        handle: h.into(),
+        node: node.into(),
+        pod: format!("ns/{h}"),
+        attrs: Default::default(),
+    }
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -41,7 +46,11 @@ fn repeated_add_returns_the_same_address_and_del_frees_it() {
     assert!(again.existing);
     assert_eq!(a.release("c1/eth0"), r1.ips);
     assert!(a.release("c1/eth0").is_empty(), "second DEL frees nothing and succeeds");
-    assert_eq!(a.allocate(&req, alloc("n1", "c2/eth0")).unwrap().ips, r1.ips, "freed address is reused");
+    assert_eq!(
+        a.allocate(&req, alloc("n1", "c2/eth0")).unwrap().ips,
+        r1.ips,
+        "freed address is reused"
+    );
 }
 
 #[test]
@@ -70,11 +79,25 @@ fn specific_addresses_are_granted_when_free_and_inside_a_pool() {
     let mut st = IpamState::default();
     let pools = vec![pool("10.65.0.0/16", 26)];
     let mut a = Ipam { state: &mut st, node: "n1" };
-    let r = a.allocate(&Request::Specific { ips: vec![ip("10.65.3.7")], pools: pools.clone() }, alloc("n1", "x")).unwrap();
+    let r = a
+        .allocate(
+            &Request::Specific { ips: vec![ip("10.65.3.7")], pools: pools.clone() },
+            alloc("n1", "x"),
+        )
+        .unwrap();
     assert_eq!(r.ips, vec![ip("10.65.3.7")]);
-    assert!(matches!(a.allocate(&Request::Specific { ips: vec![ip("10.65.3.7")], pools: pools.clone() }, alloc("n1", "y")), Err(IpamError::InUse(..))));
+    assert!(matches!(
+        a.allocate(
+            &Request::Specific { ips: vec![ip("10.65.3.7")], pools: pools.clone() },
+            alloc("n1", "y")
+        ),
+        Err(IpamError::InUse(..))
+    ));
     assert_eq!(
-        a.allocate(&Request::Specific { ips: vec![ip("192.0.2.1")], pools: pools.clone() }, alloc("n1", "z")),
+        a.allocate(
+            &Request::Specific { ips: vec![ip("192.0.2.1")], pools: pools.clone() },
+            alloc("n1", "z")
+        ),
         Err(IpamError::OutsidePools(ip("192.0.2.1")))
     );
     // The automatic allocator never hands out the reserved one.
@@ -135,11 +158,14 @@ fn property_no_duplicates_no_leaks() {
                 let h = format!("h{step}");
                 match (Ipam { state: &mut st, node }).allocate(&req, alloc(node, &h)) {
                     Ok(r) => {
-                        let again = Ipam { state: &mut st, node }.allocate(&req, alloc(node, &h)).unwrap();
+                        let again =
+                            Ipam { state: &mut st, node }.allocate(&req, alloc(node, &h)).unwrap();
                         assert_eq!(again.ips, r.ips);
                         live.insert(h, (node.to_string(), r.ips));
                     }
-                    Err(IpamError::Exhausted) => assert_eq!(live.len(), 32, "exhausted with free addresses"),
+                    Err(IpamError::Exhausted) => {
+                        assert_eq!(live.len(), 32, "exhausted with free addresses")
+                    }
                     Err(e) => panic!("{e}"),
                 }
             }
@@ -165,7 +191,12 @@ fn concurrent_adds_through_the_file_store_are_distinct_and_survive_a_restart() {
                 // Each thread opens its own store, as separate agents would.
                 let s = FileStore::open(&dir).unwrap();
                 let node = if i % 2 == 0 { "n1" } else { "n2" };
-                s.transact(|st| Ipam { state: st, node }.allocate(&req, alloc(node, &format!("c{i}")))).unwrap().unwrap().ips[0]
+                s.transact(|st| {
+                    Ipam { state: st, node }.allocate(&req, alloc(node, &format!("c{i}")))
+                })
+                .unwrap()
+                .unwrap()
+                .ips[0]
             })
         })
         .collect();
@@ -176,7 +207,10 @@ fn concurrent_adds_through_the_file_store_are_distinct_and_survive_a_restart() {
     let s = FileStore::open(&dir).unwrap();
     let st = s.load().unwrap();
     assert_eq!(st.blocks.values().map(|b| b.allocations.len()).sum::<usize>(), 200);
-    let again = s.transact(|st| Ipam { state: st, node: "n1" }.allocate(&req, alloc("n1", "c0"))).unwrap().unwrap();
+    let again = s
+        .transact(|st| Ipam { state: st, node: "n1" }.allocate(&req, alloc("n1", "c0")))
+        .unwrap()
+        .unwrap();
     assert_eq!(again.ips[0], ips[0]);
     std::fs::write(dir.join("state.json"), "garbage").unwrap();
     assert!(s.transact(|_| ()).is_err(), "a corrupt state is an error, never silently reset");
