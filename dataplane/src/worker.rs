@@ -136,6 +136,10 @@ struct RxEntry {
     rx: Box<dyn RxPort>,
     /// Whether the last read error was already logged (no log floods).
     error_logged: bool,
+    /// Event mode: epoll said readable and we have not drained it since.
+    /// Ports without an fd, and every port in busy-poll mode, are always read.
+    ready: bool,
+    has_fd: bool,
 }
 
 /// Per-worker scratch, reused batch after batch.
@@ -232,6 +236,14 @@ impl Worker {
                         std::thread::sleep(Duration::from_millis(10));
                     }
                 }
+                for ev in events.iter() {
+                    if ev.token() == WAKER {
+                        continue;
+                    }
+                    if let Some(p) = self.ports.iter_mut().find(|p| p.id as usize == ev.token().0) {
+                        p.ready = true;
+                    }
+                }
             }
         }
         tracing::info!(worker = self.id, "worker stopped");
@@ -257,7 +269,8 @@ impl Worker {
                             );
                         }
                     }
-                    self.ports.push(RxEntry { id, rx, error_logged: false });
+                    let has_fd = rx.fd().is_some();
+                    self.ports.push(RxEntry { id, rx, error_logged: false, ready: true, has_fd });
                 }
                 Command::RemovePort(id) => self.remove_port(id),
             }
@@ -276,13 +289,18 @@ impl Worker {
 
     fn poll_port(&mut self, i: usize) -> usize {
         let batch = self.cfg.batch;
+        let busy = self.cfg.busy_poll;
         let entry = &mut self.ports[i];
+        if !(entry.ready || busy || !entry.has_fd) {
+            return 0;
+        }
         let n = match entry.rx.recv(&mut self.s.frames[..batch]) {
             Ok(n) => {
                 entry.error_logged = false;
                 n
             }
             Err(e) => {
+                entry.ready = false;
                 if !entry.error_logged {
                     tracing::warn!(worker = self.id, port = entry.id, "receive failed: {e}");
                     entry.error_logged = true;
@@ -290,6 +308,11 @@ impl Worker {
                 return 0;
             }
         };
+        // Fewer than a full batch means the port said "nothing more" (edge-
+        // triggered epoll will tell us when it has data again).
+        if n < batch {
+            entry.ready = false;
+        }
         if n == 0 {
             return 0;
         }
