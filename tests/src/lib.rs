@@ -147,8 +147,13 @@ pub fn bin_dir() -> PathBuf {
         return PathBuf::from(d);
     }
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test-binary>
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+    let own = exe.parent().expect("exe dir").to_path_buf();
+    // A binary in target/<profile>/ has its siblings next to it; a test in
+    // target/<profile>/deps/ has them one level up.
+    if own.join("ocelot-dataplane").exists() {
+        return own;
+    }
+    own.parent().expect("target dir").to_path_buf()
 }
 
 /// Path of a workspace binary, e.g. `ocelot-dataplane`.
