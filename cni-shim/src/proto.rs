@@ -140,7 +140,12 @@ pub enum CniResponse {
     Ok { result: Option<CniResult> },
     /// A CNI error: `code` is the spec's error code (7 invalid config, 11
     /// try again later, 50/51 for STATUS, or 100+ for Ocelot's own).
-    Error { code: u32, msg: String, #[serde(default)] details: String },
+    Error {
+        code: u32,
+        msg: String,
+        #[serde(default)]
+        details: String,
+    },
 }
 
 /// Ocelot's own error codes (the spec reserves 100 and up for plugins).
