@@ -259,3 +259,132 @@ impl DataplaneNode {
         serde_json::from_str(&out).expect("stats json")
     }
 }
+
+/// A node of a small cluster: a node namespace running the dataplane and the
+/// agent, over a datastore directory shared with the other nodes.
+pub struct AgentNode {
+    pub ns: Netns,
+    pub dir: TempDir,
+    pub name: String,
+    pub dataplane: Proc,
+    pub agent: Proc,
+    datastore: PathBuf,
+}
+
+impl AgentNode {
+    pub fn start(name: &str, node_ip: &str, datastore: &Path) -> AgentNode {
+        let ns = Netns::new("octn");
+        ns.exec(&format!("ip addr add {node_ip}/32 dev lo"));
+        let dir = TempDir::new("ocelot-node-");
+        let dataplane = Self::spawn_dataplane(&ns, &dir, "dataplane.log");
+        let agent = Self::spawn_agent(&ns, &dir, name, datastore, "agent.log");
+        let n = AgentNode {
+            ns,
+            dir,
+            name: name.into(),
+            dataplane,
+            agent,
+            datastore: datastore.to_path_buf(),
+        };
+        n.wait_ready();
+        n
+    }
+
+    fn spawn_dataplane(ns: &Netns, dir: &TempDir, log: &str) -> Proc {
+        let d = dir.0.display();
+        ns.spawn(
+            &format!(
+                "{} run --state-dir {d}/dp --socket {d}/dp.sock",
+                bin("ocelot-dataplane").display()
+            ),
+            &dir.0.join(log),
+        )
+    }
+
+    fn spawn_agent(ns: &Netns, dir: &TempDir, name: &str, datastore: &Path, log: &str) -> Proc {
+        let d = dir.0.display();
+        ns.spawn(
+            &format!(
+                "{} agent --node {name} --datastore {} --dataplane-socket {d}/dp.sock --cni-socket {d}/cni.sock --poll-ms 100",
+                bin("ocelot").display(),
+                datastore.display()
+            ),
+            &dir.0.join(log),
+        )
+    }
+
+    pub fn cni_socket(&self) -> PathBuf {
+        self.dir.0.join("cni.sock")
+    }
+
+    fn wait_ready(&self) {
+        let ok = wait_until(Duration::from_secs(10), || {
+            self.cni_socket().exists() && self.dir.0.join("dp.sock").exists()
+        });
+        assert!(
+            ok,
+            "node did not come up:\n{}\n{}",
+            self.dataplane.log_text(),
+            self.agent.log_text()
+        );
+    }
+
+    /// `kill -9` the agent and start it again.
+    pub fn restart_agent(&mut self) {
+        self.agent.kill();
+        let _ = std::fs::remove_file(self.cni_socket());
+        self.agent = Self::spawn_agent(
+            &self.ns,
+            &self.dir,
+            &self.name,
+            &self.datastore,
+            "agent-restarted.log",
+        );
+        self.wait_ready();
+    }
+
+    /// `kill -9` the dataplane and start it again.
+    pub fn restart_dataplane(&mut self) {
+        self.dataplane.kill();
+        let _ = std::fs::remove_file(self.dir.0.join("dp.sock"));
+        self.dataplane = Self::spawn_dataplane(&self.ns, &self.dir, "dataplane-restarted.log");
+        self.wait_ready();
+    }
+
+    /// The plugin configuration for this node.
+    pub fn cni_config(&self, version: &str) -> String {
+        format!(
+            r#"{{"cniVersion":"{version}","name":"ocelot","type":"ocelot","agentSocket":"{}"}}"#,
+            self.cni_socket().display()
+        )
+    }
+
+    /// Run `ocelot-cni` as a runtime would, from the node's namespace.
+    pub fn cni(
+        &self,
+        command: &str,
+        container: &str,
+        netns: &Path,
+        pod: &str,
+        stdin: &str,
+    ) -> Output {
+        let (ns, name) = pod.split_once('/').unwrap_or(("default", pod));
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.ns.name])
+            .arg(bin("ocelot-cni"))
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container)
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", bin_dir())
+            .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={container}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ocelot-cni");
+        use std::io::Write as _;
+        child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("write stdin");
+        child.wait_with_output().expect("ocelot-cni")
+    }
+}

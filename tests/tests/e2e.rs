@@ -191,3 +191,6 @@ fn removing_an_endpoint_deletes_its_interface() {
         node.socket().display()
     ));
 }
+
+#[path = "e2e/agent.rs"]
+mod agent;

@@ -1,0 +1,173 @@
+//! The agent and the CNI plugin: pods attached by the real `ocelot-cni`,
+//! addresses from the shared IPAM, restarts of either process.
+
+use ocelot_tests::*;
+use serde_json::Value;
+use std::path::Path;
+use std::time::Duration;
+
+const CLUSTER: &str = r#"
+apiVersion: ocelot.dev/v1
+kind: IPPool
+metadata: {name: default}
+spec: {cidr: 10.90.0.0/16, blockSize: 26}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-1}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: x}
+"#;
+
+fn write_pod(ds: &Path, name: &str, annotations: &str) {
+    std::fs::write(
+        ds.join(format!("pod-{name}.yaml")),
+        format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x, annotations: {{{annotations}}}}}\nspec: {{nodeName: node-1}}\n"),
+    )
+    .unwrap();
+}
+
+fn add(node: &AgentNode, pod: &Netns, cid: &str, name: &str) -> Value {
+    let out = node.cni("ADD", cid, &pod.path(), &format!("x/{name}"), &node.cni_config("1.0.0"));
+    assert!(
+        out.status.success(),
+        "ADD failed: {}\n{}\nagent log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        node.agent.log_text()
+    );
+    serde_json::from_slice(&out.stdout).expect("result JSON")
+}
+
+fn ip_of(result: &Value) -> String {
+    result["ips"][0]["address"].as_str().expect("address").split('/').next().unwrap().to_string()
+}
+
+fn setup() -> (TempDir, AgentNode) {
+    let ds = TempDir::new("ocelot-ds-");
+    std::fs::write(ds.0.join("cluster.yaml"), CLUSTER).unwrap();
+    let node = AgentNode::start("node-1", "192.0.2.21", &ds.0);
+    (ds, node)
+}
+
+#[test]
+fn cni_add_check_del_through_the_agent() {
+    let (ds, node) = setup();
+    write_pod(&ds.0, "a", "");
+    write_pod(&ds.0, "b", "ocelot.dev/ip-addrs: '[\"10.90.7.7\"]'");
+    let pa = Netns::new("octp");
+    let pb = Netns::new("octp");
+    let ra = add(&node, &pa, "cid-a", "a");
+    let rb = add(&node, &pb, "cid-b", "b");
+    assert_eq!(ra["cniVersion"], "1.0.0");
+    assert_eq!(ra["interfaces"][0]["sandbox"], pa.path().display().to_string());
+    assert_eq!(ip_of(&rb), "10.90.7.7", "requested address granted");
+    let a_ip = ip_of(&ra);
+    assert!(a_ip.starts_with("10.90."), "{a_ip}");
+    assert!(pa.exec("ip -4 addr show eth0").contains(&format!("{a_ip}/32")));
+    assert!(pa.ping("10.90.7.7") && pb.ping(&a_ip), "pods cannot reach each other");
+
+    // A repeated ADD returns the same address.
+    assert_eq!(ip_of(&add(&node, &pa, "cid-a", "a")), a_ip);
+    // CHECK with the prevResult succeeds.
+    let mut conf: Value = serde_json::from_str(&node.cni_config("1.0.0")).unwrap();
+    conf["prevResult"] = ra.clone();
+    let chk = node.cni("CHECK", "cid-a", &pa.path(), "x/a", &conf.to_string());
+    assert!(chk.status.success(), "CHECK: {}", String::from_utf8_lossy(&chk.stdout));
+
+    // DEL removes the interface and frees the address; DEL again succeeds.
+    let del = node.cni("DEL", "cid-a", &pa.path(), "x/a", &node.cni_config("1.0.0"));
+    assert!(del.status.success(), "{}", String::from_utf8_lossy(&del.stdout));
+    assert!(!pa.exec_out("ip link show eth0").status.success(), "eth0 survived DEL");
+    assert!(node
+        .cni("DEL", "cid-a", &pa.path(), "x/a", &node.cni_config("1.0.0"))
+        .status
+        .success());
+    let state = std::fs::read_to_string(ds.0.join(".ipam/state.json")).unwrap();
+    assert!(!state.contains("cid-a"), "allocation leaked: {state}");
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_leak_nothing() {
+    let (ds, node) = setup();
+    write_pod(&ds.0, "c", "ocelot.dev/ip-addrs: '[\"192.0.2.99\"]'");
+    let pc = Netns::new("octp");
+    // A requested address outside every pool.
+    let out = node.cni("ADD", "cid-c", &pc.path(), "x/c", &node.cni_config("1.0.0"));
+    assert!(!out.status.success());
+    let e: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(e["code"], 101, "{e}");
+    // A netns that does not exist.
+    write_pod(&ds.0, "d", "");
+    let out = node.cni(
+        "ADD",
+        "cid-d",
+        Path::new("/var/run/netns/ocelot-no-such-ns"),
+        "x/d",
+        &node.cni_config("1.0.0"),
+    );
+    assert!(!out.status.success());
+    // A pod the datastore does not know.
+    let out = node.cni("ADD", "cid-e", &pc.path(), "x/nobody", &node.cni_config("1.0.0"));
+    let e: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(e["code"], 103, "{e}");
+    // Nothing was allocated by any of them, nothing left in the node.
+    let state = std::fs::read_to_string(ds.0.join(".ipam/state.json")).unwrap_or_default();
+    assert!(!state.contains("cid-"), "allocation leaked: {state}");
+    let links = node.ns.exec("ip -o link");
+    assert!(
+        !links.lines().any(|l| l.contains(": oc") && !l.contains("ocelot0")),
+        "TAP left behind: {links}"
+    );
+    // A datastore file that is not YAML changes nothing; the agent keeps going.
+    std::fs::write(ds.0.join("broken.yaml"), "kind: Pod\nmetadata: [oops\n").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let pd = Netns::new("octp");
+    add(&node, &pd, "cid-d2", "d");
+    assert!(node.agent.log_text().contains("datastore file rejected"));
+}
+
+#[test]
+fn restarts_of_agent_and_dataplane_converge() {
+    let (ds, mut node) = setup();
+    write_pod(&ds.0, "a", "");
+    write_pod(&ds.0, "b", "");
+    let pa = Netns::new("octp");
+    let pb = Netns::new("octp");
+    let a_ip = ip_of(&add(&node, &pa, "cid-a", "a"));
+    let b_ip = ip_of(&add(&node, &pb, "cid-b", "b"));
+    node.restart_agent();
+    node.restart_dataplane();
+    assert!(wait_until(Duration::from_secs(5), || pa.ping(&b_ip)), "traffic did not resume");
+    // The restarted agent never hands out a live address again.
+    write_pod(&ds.0, "c", "");
+    let pc = Netns::new("octp");
+    let c_ip = ip_of(&add(&node, &pc, "cid-c", "c"));
+    assert!(c_ip != a_ip && c_ip != b_ip);
+    assert!(pc.ping(&a_ip));
+}
+
+#[test]
+fn concurrent_adds_get_distinct_addresses() {
+    let (ds, node) = setup();
+    const N: usize = 40;
+    for i in 0..N {
+        write_pod(&ds.0, &format!("p{i}"), "");
+    }
+    let pods: Vec<Netns> = (0..N).map(|_| Netns::new("octp")).collect();
+    let ips: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = pods
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let node = &node;
+                s.spawn(move || ip_of(&add(node, p, &format!("cid-{i}"), &format!("p{i}"))))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let uniq: std::collections::HashSet<_> = ips.iter().collect();
+    assert_eq!(uniq.len(), N, "duplicate addresses: {ips:?}");
+}
