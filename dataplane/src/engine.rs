@@ -264,64 +264,41 @@ impl Engine {
         Ok(st)
     }
 
-    /// Re-attach to the pod's interface if it is already there (a restart,
-    /// or a repeated request); otherwise create the TAP here and move it in.
+    /// Open the pod's TAP from inside the pod's namespace: TUNSETIFF
+    /// creates it there directly (or re-attaches to it after a restart or a
+    /// repeated request), so no device ever crosses namespaces — a move
+    /// costs the kernel an RCU grace period, most of an ADD's time.
     fn open_pod_tap(&self, spec: &EndpointSpec, mac: MacAddr) -> Result<tun::Tap, ApiError> {
         let ns = spec.netns.clone();
-        let existing = netlink::link(Some(&ns), &spec.ifname)
-            .map_err(|e| sys_err("look up pod interface", e))?;
+        let ifname = spec.ifname.clone();
         let settle = vec![Op::SetLink {
-            name: spec.ifname.clone(),
+            name: ifname.clone(),
             mac: Some(mac),
             mtu: Some(spec.mtu),
             up: Some(true),
         }];
-        if existing.is_some() {
-            let ifname = spec.ifname.clone();
-            let tap =
-                netns::run_in(Some(&ns), move || tun::Tap::open(&ifname, true)).map_err(|e| {
-                    sys_err(
-                        format!(
-                            "interface {} exists in {} and is not a TAP we can attach to",
-                            spec.ifname,
-                            ns.display()
-                        ),
-                        e,
+        netns::run_in(Some(&ns), move || {
+            let existed = netlink::link(None, &ifname)?.is_some();
+            let tap = tun::Tap::open(&ifname, true).map_err(|e| {
+                if existed {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("interface {ifname} exists and is not a TAP we can attach to: {e}"),
                     )
-                })?;
-            netlink::apply(Some(&ns), settle).map_err(|e| sys_err("configure pod interface", e))?;
-            return Ok(tap);
-        }
-        // A TAP left in our namespace by a crash mid-way is simply reused.
-        let tap = tun::Tap::open(&spec.name, true)
-            .map_err(|e| sys_err(format!("create TAP {}", spec.name), e))?;
-        let moved = netlink::apply(
-            None,
-            vec![
-                Op::SetLink {
-                    name: spec.name.clone(),
-                    mac: Some(mac),
-                    mtu: Some(spec.mtu),
-                    up: None,
-                },
-                Op::MoveLink {
-                    name: spec.name.clone(),
-                    netns: ns.clone(),
-                    new_name: spec.ifname.clone(),
-                },
-            ],
-        )
-        .and_then(|()| netlink::apply(Some(&ns), settle));
-        if let Err(e) = moved {
-            // Leave nothing behind: the device goes when its last fd closes.
-            let _ = tap.set_persist(false);
-            let _ = netlink::apply(Some(&ns), vec![Op::DelLink { name: spec.ifname.clone() }]);
-            return Err(sys_err(
-                format!("move {} into {} as {}", spec.name, ns.display(), spec.ifname),
-                e,
-            ));
-        }
-        Ok(tap)
+                } else {
+                    e
+                }
+            })?;
+            if let Err(e) = netlink::apply(None, settle) {
+                if !existed {
+                    // Leave nothing behind: the device goes with its last fd.
+                    let _ = tap.set_persist(false);
+                }
+                return Err(e);
+            }
+            Ok(tap)
+        })
+        .map_err(|e| sys_err(format!("pod interface {} in {}", spec.ifname, ns.display()), e))
     }
 
     /// Stop forwarding for an endpoint and delete its interface. Succeeds

@@ -44,6 +44,17 @@ enum Cmd {
     /// loss, TCP round-trip latency p50/p99 (sockperf), and the dataplane's
     /// CPU (idle and under load) and memory.
     SameNode(SameNodeArgs),
+    /// Pod attach latency: CNI ADD and DEL from exec to result, p50/p99
+    /// over many pods, through ocelot-cni (agent + dataplane) and through
+    /// the standard ptp + host-local plugins; IPAM allocations per second.
+    CniAdd {
+        /// Pods to attach.
+        #[arg(long, default_value_t = 100)]
+        pods: usize,
+        /// Where the standard CNI plugins are (Debian: /usr/lib/cni).
+        #[arg(long, default_value = "/usr/lib/cni")]
+        cni_dir: String,
+    },
 }
 
 /// Parameters every scenario takes.
@@ -161,6 +172,10 @@ fn run(cli: &Cli) -> Result<()> {
             };
             scenario::same_node::run(&a.suite.params(), &p, &progress)?
         }
+        Cmd::CniAdd { pods, cni_dir } => scenario::cni_add::run(
+            &scenario::cni_add::CniAddParams { pods: *pods, cni_dir: cni_dir.clone() },
+            &progress,
+        )?,
     };
     if cli.json {
         println!("{}", report.to_json());

@@ -218,6 +218,7 @@ fn add(agent: &Agent, req: &CniRequest) -> CniResponse {
         .map(|(k, v)| (k.to_string(), v))
         .collect(),
     };
+    let t_start = Instant::now();
     let allocated = match agent
         .ipam
         .transact(|st| Ipam { state: st, node: &agent.node }.allocate(&ireq, alloc))
@@ -240,6 +241,7 @@ fn add(agent: &Agent, req: &CniRequest) -> CniResponse {
             TRY_AGAIN,
         );
     }
+    let t_ipam = t_start.elapsed();
     let spec = EndpointSpec {
         name: ep_name.clone(),
         netns: netns.clone().into(),
@@ -255,12 +257,19 @@ fn add(agent: &Agent, req: &CniRequest) -> CniResponse {
         }
         Err(e) => return undo(format!("dataplane: {e}"), codes::DATAPLANE),
     };
+    let t_dp = t_start.elapsed();
     if let Err(e) = netlink::apply(
         Some(Path::new(&netns)),
         netlink::pod_addressing(&req.ifname, &allocated.ips),
     ) {
         return undo(format!("configuring {} in {netns}: {e}", req.ifname), codes::DATAPLANE);
     }
+    tracing::debug!(
+        ipam_us = t_ipam.as_micros() as u64,
+        dataplane_us = (t_dp - t_ipam).as_micros() as u64,
+        addressing_us = (t_start.elapsed() - t_dp).as_micros() as u64,
+        "ADD timings"
+    );
     let result = CniResult {
         interfaces: vec![Interface {
             name: req.ifname.clone(),

@@ -67,8 +67,8 @@ impl<'de> Deserialize<'de> for Cidr {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointSpec {
-    /// Unique key, and the TAP's name while it is created in the node's
-    /// namespace (at most 15 characters).
+    /// Unique key of the endpoint (1 to 15 characters, an interface-name
+    /// alphabet).
     pub name: String,
     /// Path of the pod's network namespace (`/var/run/netns/..`, `/proc/PID/ns/net`).
     pub netns: PathBuf,

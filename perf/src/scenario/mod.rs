@@ -3,6 +3,7 @@
 //! paths for one test, then the next test) so the paths see the same
 //! machine conditions, and records the results in a [`Report`].
 
+pub mod cni_add;
 pub mod same_node;
 
 use crate::interrupt;
