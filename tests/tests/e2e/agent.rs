@@ -171,3 +171,91 @@ fn concurrent_adds_get_distinct_addresses() {
     let uniq: std::collections::HashSet<_> = ips.iter().collect();
     assert_eq!(uniq.len(), N, "duplicate addresses: {ips:?}");
 }
+
+/// Run a standard plugin from /usr/lib/cni the way libcni does.
+fn std_plugin(
+    node: &AgentNode,
+    plugin: &str,
+    cmd: &str,
+    cid: &str,
+    netns: &Path,
+    conf: &Value,
+) -> std::process::Output {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &node.ns.name, &format!("/usr/lib/cni/{plugin}")])
+        .env("CNI_COMMAND", cmd)
+        .env("CNI_CONTAINERID", cid)
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .env("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=a")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn plugin");
+    child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// The conflist of manifests/ (ocelot, portmap, bandwidth) driven as libcni
+/// drives it: ADD in order, each plugin getting the previous result; DEL in
+/// reverse order.
+#[test]
+fn chains_with_portmap_and_bandwidth() {
+    let (ds, node) = setup();
+    write_pod(&ds.0, "a", "");
+    let pa = Netns::new("octp");
+    let name = "k8s-pod-network";
+    let ocelot_conf = {
+        let mut v: Value = serde_json::from_str(&node.cni_config("1.0.0")).unwrap();
+        v["name"] = name.into();
+        v
+    };
+    let stdin = ocelot_conf.to_string();
+    let out = node.cni("ADD", "cid-chain", &pa.path(), "x/a", &stdin);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let r1: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let portmap = serde_json::json!({
+        "cniVersion": "1.0.0", "name": name, "type": "portmap", "capabilities": {"portMappings": true},
+        "runtimeConfig": {"portMappings": [{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}]},
+        "prevResult": r1,
+    });
+    let out = std_plugin(&node, "portmap", "ADD", "cid-chain", &pa.path(), &portmap);
+    assert!(
+        out.status.success(),
+        "portmap ADD: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r2: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bandwidth = serde_json::json!({
+        "cniVersion": "1.0.0", "name": name, "type": "bandwidth", "capabilities": {"bandwidth": true}, "prevResult": r2,
+    });
+    let out = std_plugin(&node, "bandwidth", "ADD", "cid-chain", &pa.path(), &bandwidth);
+    assert!(
+        out.status.success(),
+        "bandwidth ADD: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r3: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r3["ips"], r1["ips"], "the chain keeps Ocelot's result");
+    let nat = node.ns.exec("iptables-save -t nat");
+    assert!(nat.contains("18080"), "portmap installed no DNAT rule:\n{nat}");
+
+    // DEL in reverse order.
+    for (p, conf) in [("bandwidth", &bandwidth), ("portmap", &portmap)] {
+        let out = std_plugin(&node, p, "DEL", "cid-chain", &pa.path(), conf);
+        assert!(
+            out.status.success(),
+            "{p} DEL: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(node.cni("DEL", "cid-chain", &pa.path(), "x/a", &stdin).status.success());
+    assert!(!node.ns.exec("iptables-save -t nat").contains("18080"), "portmap rule left behind");
+}
