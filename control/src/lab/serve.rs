@@ -1,0 +1,149 @@
+//! `ocelot lab serve`: the server in every lab pod, as agnhost serves in the
+//! upstream network-policy tests. On each port it answers with the pod's
+//! name (`namespace/name`, one line): TCP and SCTP on connect, UDP to any
+//! datagram. Started by the lab inside the pod's namespace.
+
+use crate::lab::probe::Protocol;
+use crate::lab::sctp;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// `ocelot lab serve` flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// The name to answer with (`namespace/name`).
+    #[arg(long)]
+    pub pod: String,
+    /// A port to serve, `PORT[/PROTOCOL]` (TCP by default); repeatable.
+    #[arg(long = "port", value_parser = parse_port)]
+    pub ports: Vec<(u16, Protocol)>,
+    /// Written once every port is bound (or has failed for good).
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+}
+
+/// `80`, `80/TCP`, `81/udp`, `82/SCTP`.
+pub fn parse_port(s: &str) -> Result<(u16, Protocol), String> {
+    let (port, proto) = s.split_once('/').unwrap_or((s, "TCP"));
+    let port: u16 = port.parse().map_err(|_| format!("bad port {port:?}"))?;
+    Ok((port, Protocol::parse(proto)?))
+}
+
+/// Bind every port, then serve forever.
+pub fn run(a: ServeArgs) -> anyhow::Result<()> {
+    let answer = format!("{}\n", a.pod);
+    let mut served = 0;
+    let mut failed = Vec::new();
+    let mut threads = Vec::new();
+    for (port, proto) in &a.ports {
+        let answer = answer.clone();
+        let r = match proto {
+            Protocol::Tcp => tcp(*port).map(|l| {
+                threads.push(std::thread::spawn(move || serve_tcp(l, answer)));
+            }),
+            Protocol::Udp => udp(*port).map(|s| {
+                threads.push(std::thread::spawn(move || serve_udp(s, answer)));
+            }),
+            Protocol::Sctp => sctp::listen(*port).map(|l| {
+                threads.push(std::thread::spawn(move || serve_sctp(l, answer)));
+            }),
+        };
+        match r {
+            Ok(()) => {
+                served += 1;
+                eprintln!("serving {port}/{proto} as {}", a.pod);
+            }
+            Err(e) if *proto == Protocol::Sctp && sctp::unavailable(&e) => {
+                eprintln!("not serving {port}/SCTP: {}", sctp::UNAVAILABLE);
+                failed.push(format!("{port}/SCTP: {}", sctp::UNAVAILABLE));
+            }
+            Err(e) => {
+                eprintln!("not serving {port}/{proto}: {e}");
+                failed.push(format!("{port}/{proto}: {e}"));
+            }
+        }
+    }
+    if let Some(f) = &a.ready_file {
+        let text = if failed.is_empty() { "ok\n".to_string() } else { failed.join("\n") + "\n" };
+        std::fs::write(f, text)?;
+    }
+    if served == 0 && !a.ports.is_empty() {
+        anyhow::bail!("no port could be served");
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+/// Dual-stack when the namespace has IPv6, IPv4 otherwise.
+fn tcp(port: u16) -> std::io::Result<TcpListener> {
+    TcpListener::bind(SocketAddr::from(([0u16; 8], port)))
+        .or_else(|_| TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))))
+}
+
+fn udp(port: u16) -> std::io::Result<UdpSocket> {
+    UdpSocket::bind(SocketAddr::from(([0u16; 8], port)))
+        .or_else(|_| UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], port))))
+}
+
+fn serve_tcp(l: TcpListener, answer: String) {
+    for conn in l.incoming() {
+        match conn {
+            Ok(mut c) => {
+                let _ = c.set_write_timeout(Some(Duration::from_secs(1)));
+                let _ = c.write_all(answer.as_bytes());
+            }
+            Err(e) => {
+                eprintln!("tcp accept: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+fn serve_udp(s: UdpSocket, answer: String) {
+    let mut buf = [0u8; 2048];
+    loop {
+        match s.recv_from(&mut buf) {
+            Ok((_, from)) => {
+                let _ = s.send_to(answer.as_bytes(), from);
+            }
+            Err(e) => {
+                eprintln!("udp recv: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+fn serve_sctp(l: std::os::fd::OwnedFd, answer: String) {
+    loop {
+        match sctp::accept(&l) {
+            Ok(mut c) => {
+                let _ = c.write_all(answer.as_bytes());
+            }
+            Err(e) => {
+                eprintln!("sctp accept: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_parse() {
+        assert_eq!(parse_port("80"), Ok((80, Protocol::Tcp)));
+        assert_eq!(parse_port("81/udp"), Ok((81, Protocol::Udp)));
+        assert_eq!(parse_port("82/SCTP"), Ok((82, Protocol::Sctp)));
+        assert!(parse_port("80/icmp").is_err());
+        assert!(parse_port("x/TCP").is_err());
+        assert!(parse_port("70000").is_err());
+    }
+}
