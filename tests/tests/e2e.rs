@@ -194,3 +194,6 @@ fn removing_an_endpoint_deletes_its_interface() {
 
 #[path = "e2e/agent.rs"]
 mod agent;
+
+#[path = "e2e/lab.rs"]
+mod lab;

@@ -123,18 +123,18 @@ fn ipam_request(
     agent: &Agent,
     req: &CniRequest,
     pod: Option<&crate::model::Pod>,
-) -> Result<IpamRequest, CniResponse> {
+) -> Result<IpamRequest, Box<CniResponse>> {
     let c = agent.cluster.read().unwrap_or_else(|e| e.into_inner());
     let node = c.nodes.get(&agent.node);
     let pools = super::pools::for_node(c.pools.values(), node);
     if let Some(raw) = pod.and_then(|p| p.metadata.annotations.get(IP_ADDRS_ANNOTATION)) {
         let ips: Vec<IpAddr> = serde_json::from_str(raw).map_err(|e| {
-            err(
+            Box::new(err(
                 INVALID_CONFIG,
                 format!(
                     "annotation {IP_ADDRS_ANNOTATION}: {e} (expected a JSON list of addresses)"
                 ),
-            )
+            ))
         })?;
         return Ok(IpamRequest::Specific { ips, pools });
     }
@@ -146,14 +146,14 @@ fn ipam_request(
         .unwrap_or(false);
     if use_pod_cidr {
         let cidr = node.and_then(|n| n.spec.pod_cidr.as_ref()).ok_or_else(|| {
-            err(
+            Box::new(err(
                 INVALID_CONFIG,
                 format!("usePodCidr is set but Node {} has no spec.podCIDR", agent.node),
-            )
+            ))
         })?;
-        let pod_cidr = cidr
-            .parse()
-            .map_err(|e| err(INVALID_CONFIG, format!("Node {} spec.podCIDR: {e}", agent.node)))?;
+        let pod_cidr = cidr.parse().map_err(|e| {
+            Box::new(err(INVALID_CONFIG, format!("Node {} spec.podCIDR: {e}", agent.node)))
+        })?;
         return Ok(IpamRequest::HostLocal { pod_cidr });
     }
     Ok(IpamRequest::Auto { pools })
@@ -198,7 +198,7 @@ fn add(agent: &Agent, req: &CniRequest) -> CniResponse {
     }
     let ireq = match ipam_request(agent, req, pod.as_ref()) {
         Ok(r) => r,
-        Err(e) => return e,
+        Err(e) => return *e,
     };
     let handle = handle_of(req);
     let ep_name = endpoint_name(&handle);

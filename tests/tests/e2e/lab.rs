@@ -1,0 +1,192 @@
+//! `ocelot lab`: up, get, probe, apply, delete and down, on the example
+//! file and on a 3 x 3 cluster; down leaves nothing behind.
+
+use ocelot_tests::*;
+use serde_json::Value;
+use std::path::PathBuf;
+
+/// A running lab, taken down on drop (also when the test fails).
+struct Lab {
+    name: String,
+    run_dir: TempDir,
+}
+
+impl Lab {
+    fn up(file: &str) -> Lab {
+        let lab = Lab { name: unique("t"), run_dir: TempDir::new("ocelot-lab-") };
+        lab.ocelot(&format!("up -f {file}"));
+        lab
+    }
+
+    fn ocelot(&self, args: &str) -> String {
+        let (sub, rest) = args.split_once(' ').unwrap_or((args, ""));
+        sh(&format!(
+            "{} lab {sub} --name {} --run-dir {} {rest} 2>&1",
+            bin("ocelot").display(),
+            self.name,
+            self.run_dir.0.display()
+        ))
+    }
+
+    fn probe(&self, port: u16, proto: &str) -> Value {
+        let out = self
+            .ocelot(&format!("probe --port {port} --protocol {proto} -o json --timeout-ms 500"));
+        let start = out.find('[').expect("probe JSON");
+        let v: Value = serde_json::from_str(&out[start..]).expect("probe JSON");
+        v[0]["matrix"].clone()
+    }
+
+    fn pods(&self) -> Value {
+        let out = self.ocelot("get pods -o json");
+        let start = out.find(['[', '{']).expect("pods JSON");
+        serde_json::from_str(&out[start..]).expect("pods JSON")
+    }
+
+    fn leftovers(&self) -> Vec<String> {
+        let prefix = format!("ocl-{}-", self.name);
+        let mut left: Vec<String> = sh("ip netns list")
+            .lines()
+            .filter(|l| l.starts_with(&prefix))
+            .map(String::from)
+            .collect();
+        // Any process whose command line names this lab's directory.
+        let needle = self.run_dir.0.display().to_string();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            if pid != std::process::id() && String::from_utf8_lossy(&cmd).contains(&needle) {
+                left.push(format!(
+                    "process {pid}: {}",
+                    String::from_utf8_lossy(&cmd).replace('\0', " ")
+                ));
+            }
+        }
+        let dir = self.run_dir.0.join(&self.name);
+        if dir.exists() {
+            left.push(format!("directory {}", dir.display()));
+        }
+        left
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = sh_out(&format!(
+            "{} lab down --name {} --run-dir {}",
+            bin("ocelot").display(),
+            self.name,
+            self.run_dir.0.display()
+        ));
+    }
+}
+
+fn example() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../manifests/examples/lab.yaml")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn example_lab_up_probe_down_leaves_nothing() {
+    let lab = Lab::up(&example());
+    let pods = lab.pods();
+    let list = pods.as_array().or_else(|| pods["pods"].as_array()).expect("pod list").clone();
+    assert_eq!(list.len(), 5, "{pods}");
+    let node_of = |key: &str| {
+        list.iter()
+            .find(|p| {
+                format!(
+                    "{}/{}",
+                    p["namespace"].as_str().unwrap_or(""),
+                    p["name"].as_str().unwrap_or("")
+                ) == key
+            })
+            .map(|p| p["node"].as_str().unwrap_or("").to_string())
+            .expect("pod")
+    };
+    for (port, proto) in [(80, "TCP"), (81, "UDP")] {
+        let m = lab.probe(port, proto);
+        let rows = m.as_object().expect("matrix");
+        assert_eq!(rows.len(), 5);
+        for (from, cols) in rows {
+            for (to, ok) in cols.as_object().unwrap() {
+                if node_of(from) == node_of(to) {
+                    assert_eq!(
+                        ok,
+                        &Value::Bool(true),
+                        "{proto}/{port}: {from} -> {to} on one node must connect"
+                    );
+                }
+            }
+        }
+    }
+    // exec passes the exit code through.
+    let out = sh_out(&format!(
+        "{} lab exec x/a --name {} --run-dir {} -- sh -c 'exit 7'",
+        bin("ocelot").display(),
+        lab.name,
+        lab.run_dir.0.display()
+    ));
+    assert_eq!(out.status.code(), Some(7));
+    lab.ocelot("down");
+    assert_eq!(lab.leftovers(), Vec::<String>::new());
+}
+
+const THREE_BY_THREE: &str = r#"
+apiVersion: ocelot.dev/v1
+kind: IPPool
+metadata: {name: pool}
+spec: {cidr: 10.66.0.0/16}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: solo}
+"#;
+
+fn pod(ns: &str, name: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{pod: {name}}}}}\nspec:\n  nodeName: solo\n  containers:\n  - name: c\n    ports: [{{containerPort: 80}}]\n"
+    )
+}
+
+#[test]
+fn three_namespaces_of_three_pods_apply_and_delete() {
+    let dir = TempDir::new("ocelot-lab-files-");
+    let mut text = THREE_BY_THREE.to_string();
+    for ns in ["x", "y", "z"] {
+        text.push_str(&format!("---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{ns: {ns}}}}}\n"));
+        for p in ["a", "b", "c"] {
+            text.push_str(&pod(ns, p));
+        }
+    }
+    let file = dir.0.join("cluster.yaml");
+    std::fs::write(&file, text).unwrap();
+    let lab = Lab::up(&file.display().to_string());
+    let m = lab.probe(80, "TCP");
+    let cells: Vec<bool> = m
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|c| c.as_object().unwrap().values().map(|v| v == &Value::Bool(true)))
+        .collect();
+    assert_eq!(cells.len(), 81);
+    assert!(cells.iter().all(|c| *c), "every pair on one node connects: {m}");
+
+    // apply: a new pod joins and is reachable; delete: a pod goes away.
+    let extra = dir.0.join("extra.yaml");
+    std::fs::write(&extra, pod("z", "d")).unwrap();
+    lab.ocelot(&format!("apply -f {}", extra.display()));
+    let m = lab.probe(80, "TCP");
+    assert_eq!(m["x/a"]["z/d"], Value::Bool(true), "{m}");
+    let gone = dir.0.join("gone.yaml");
+    std::fs::write(&gone, pod("x", "b")).unwrap();
+    lab.ocelot(&format!("delete -f {}", gone.display()));
+    let m = lab.probe(80, "TCP");
+    assert!(
+        m.get("x/b").is_none() && m["x/a"].get("x/b").is_none(),
+        "deleted pod still probed: {m}"
+    );
+    lab.ocelot("down");
+    assert_eq!(lab.leftovers(), Vec::<String>::new());
+}
