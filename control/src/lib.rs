@@ -6,4 +6,3 @@ pub mod datastore;
 pub mod ipam;
 pub mod lab;
 pub mod model;
-pub mod signals;

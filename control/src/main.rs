@@ -29,9 +29,7 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    ocelot_dataplane::logging::init(&cli.log_level);
     let r = match cli.cmd {
         Cmd::Agent(a) => agent::run(a),
         Cmd::Lab(c) => lab::run(c),

@@ -12,6 +12,7 @@ pub mod csum;
 pub mod engine;
 pub mod frame;
 pub mod gso;
+pub mod logging;
 pub mod pipeline;
 pub mod port;
 pub mod state;

@@ -133,9 +133,7 @@ enum EndpointCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    ocelot_dataplane::logging::init(&cli.log_level);
     let r = match cli.cmd {
         Cmd::Run(a) => run(a),
         Cmd::Stats(a) => stats(a),
@@ -156,7 +154,7 @@ type Res = Result<(), Box<dyn std::error::Error>>;
 fn run(a: RunArgs) -> Res {
     // Block SIGINT/SIGTERM before any thread starts, so every thread
     // inherits the mask and only `wait_for_signal` receives them.
-    let set = termination_signals();
+    let set = ocelot_dataplane::sys::signals::block_termination();
     let workers: Vec<WorkerConfig> = if a.cores.is_empty() {
         vec![WorkerConfig { core: None, busy_poll: a.busy_poll, batch: usize::from(a.batch) }]
     } else {
@@ -187,28 +185,9 @@ fn run(a: RunArgs) -> Res {
     let engine = Arc::new(Mutex::new(engine));
     ocelot_dataplane::api::server::serve(&a.socket, engine)?;
     // Exit cleanly on SIGTERM/SIGINT; the pods' TAPs persist either way.
-    wait_for_signal(&set);
+    ocelot_dataplane::sys::signals::wait(&set);
     tracing::info!("stopping; pod interfaces stay for the next start");
     Ok(())
-}
-
-fn termination_signals() -> libc::sigset_t {
-    // SAFETY: the set is initialised by sigemptyset before any other use;
-    // pthread_sigmask only changes this thread's mask.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-fn wait_for_signal(set: &libc::sigset_t) {
-    let mut sig = 0;
-    // SAFETY: `set` is an initialised sigset whose signals are blocked.
-    unsafe { libc::sigwait(set, &mut sig) };
 }
 
 fn client(socket: &std::path::Path) -> Result<Client, Box<dyn std::error::Error>> {

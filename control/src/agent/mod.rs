@@ -167,7 +167,7 @@ pub fn endpoint_name(handle: &str) -> String {
 }
 
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
-    let set = crate::signals::block_termination();
+    let set = ocelot_dataplane::sys::signals::block_termination();
     let agent = Arc::new(Agent::new(args.clone())?);
     tracing::info!(node = %agent.node, datastore = %args.datastore.display(), "agent starting");
     if !agent.cluster.read().unwrap_or_else(|e| e.into_inner()).nodes.contains_key(&agent.node) {
@@ -186,7 +186,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(a.args.poll_ms));
     })?;
     agent.ensure_dataplane();
-    crate::signals::wait(&set);
+    ocelot_dataplane::sys::signals::wait(&set);
     tracing::info!("agent stopping; the dataplane keeps forwarding");
     let _ = std::fs::remove_file(&args.cni_socket);
     Ok(())

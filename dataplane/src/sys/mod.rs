@@ -4,4 +4,5 @@
 pub mod affinity;
 pub mod netlink;
 pub mod netns;
+pub mod signals;
 pub mod tun;

@@ -63,6 +63,34 @@ fn run_plugin(
     Ok(ms)
 }
 
+/// ADD `n` fresh pod namespaces one after the other, then DEL them all;
+/// the time of each call, in ms.
+fn attach_all(
+    node: &Netns,
+    plugin: &Path,
+    cni_path: &str,
+    conf: &str,
+    n: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let pods: Vec<Netns> = (0..n).map(|_| Netns::new("pfc")).collect();
+    let mut times = [Vec::new(), Vec::new()];
+    for (k, cmd) in ["ADD", "DEL"].iter().enumerate() {
+        for (i, pod) in pods.iter().enumerate() {
+            times[k].push(run_plugin(
+                node,
+                plugin,
+                cni_path,
+                cmd,
+                &format!("pod{i}"),
+                &pod.path(),
+                conf,
+            )?);
+        }
+    }
+    let [add, del] = times;
+    Ok((add, del))
+}
+
 fn summarize(report: &mut Report, path: &str, what: &str, mut v: Vec<f64>) {
     v.sort_by(|a, b| a.total_cmp(b));
     let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
@@ -123,35 +151,10 @@ pub fn run(p: &CniAddParams, progress: &dyn Fn(&str)) -> Result<Report> {
     let conf = node.cni_config("1.0.0");
     let cni = ocelot_tests::bin("ocelot-cni");
     let bin_dir = ocelot_tests::bin_dir().display().to_string();
-    let pods: Vec<Netns> = (0..p.pods).map(|_| Netns::new("pfc")).collect();
     progress(&format!("ocelot: {} ADDs", p.pods));
-    let mut add = Vec::new();
-    for (i, pod) in pods.iter().enumerate() {
-        add.push(run_plugin(
-            &node.ns,
-            &cni,
-            &bin_dir,
-            "ADD",
-            &format!("pod{i}"),
-            &pod.path(),
-            &conf,
-        )?);
-    }
-    let mut del = Vec::new();
-    for (i, pod) in pods.iter().enumerate() {
-        del.push(run_plugin(
-            &node.ns,
-            &cni,
-            &bin_dir,
-            "DEL",
-            &format!("pod{i}"),
-            &pod.path(),
-            &conf,
-        )?);
-    }
+    let (add, del) = attach_all(&node.ns, &cni, &bin_dir, &conf, p.pods)?;
     summarize(&mut report, "ocelot", "ADD", add);
     summarize(&mut report, "ocelot", "DEL", del);
-    drop(pods);
     drop(node);
 
     progress(&format!("ptp: {} ADDs", p.pods));
@@ -161,34 +164,9 @@ pub fn run(p: &CniAddParams, progress: &dyn Fn(&str)) -> Result<Report> {
         r#"{{"cniVersion":"1.0.0","name":"ref","type":"ptp","ipMasq":false,"ipam":{{"type":"host-local","subnet":"10.93.0.0/16","dataDir":"{}"}}}}"#,
         data.0.display()
     );
-    let pods: Vec<Netns> = (0..p.pods).map(|_| Netns::new("pfc")).collect();
-    let mut add = Vec::new();
-    for (i, pod) in pods.iter().enumerate() {
-        add.push(run_plugin(
-            &node,
-            &ptp,
-            &p.cni_dir,
-            "ADD",
-            &format!("pod{i}"),
-            &pod.path(),
-            &conf,
-        )?);
-    }
-    let mut del = Vec::new();
-    for (i, pod) in pods.iter().enumerate() {
-        del.push(run_plugin(
-            &node,
-            &ptp,
-            &p.cni_dir,
-            "DEL",
-            &format!("pod{i}"),
-            &pod.path(),
-            &conf,
-        )?);
-    }
+    let (add, del) = attach_all(&node, &ptp, &p.cni_dir, &conf, p.pods)?;
     summarize(&mut report, "ptp", "ADD", add);
     summarize(&mut report, "ptp", "DEL", del);
-    drop(pods);
     drop(node);
 
     progress("ocelot: IPAM allocations per second (shared locked file store)");
