@@ -259,3 +259,32 @@ fn chains_with_portmap_and_bandwidth() {
     assert!(node.cni("DEL", "cid-chain", &pa.path(), "x/a", &stdin).status.success());
     assert!(!node.ns.exec("iptables-save -t nat").contains("18080"), "portmap rule left behind");
 }
+
+#[test]
+fn an_exhausted_pool_is_a_clear_error_and_leaks_nothing() {
+    let ds = TempDir::new("ocelot-ds-");
+    std::fs::write(
+        ds.0.join("cluster.yaml"),
+        "apiVersion: ocelot.dev/v1\nkind: IPPool\nmetadata: {name: tiny}\nspec: {cidr: 10.97.0.0/31, blockSize: 31}\n---\nkind: Node\napiVersion: v1\nmetadata: {name: node-1}\n",
+    )
+    .unwrap();
+    let node = AgentNode::start("node-1", "192.0.2.22", &ds.0);
+    for p in ["a", "b", "c"] {
+        write_pod(&ds.0, p, "");
+    }
+    let pods: Vec<Netns> = (0..3).map(|_| Netns::new("octp")).collect();
+    add(&node, &pods[0], "cid-a", "a");
+    add(&node, &pods[1], "cid-b", "b");
+    let out = node.cni("ADD", "cid-c", &pods[2].path(), "x/c", &node.cni_config("1.0.0"));
+    assert!(!out.status.success());
+    let e: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(e["code"], 100, "{e}");
+    assert!(e["msg"].as_str().unwrap_or("").contains("exhausted"), "{e}");
+    assert!(!pods[2].exec_out("ip link show eth0").status.success(), "interface left in the pod");
+    // Freeing one address makes room again.
+    assert!(node
+        .cni("DEL", "cid-a", &pods[0].path(), "x/a", &node.cni_config("1.0.0"))
+        .status
+        .success());
+    add(&node, &pods[2], "cid-c", "c");
+}
