@@ -71,6 +71,9 @@ pub struct ContainerPort {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     pub container_port: u16,
+    /// Port on the node forwarded to this one (the `portmap` plugin).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_port: Option<u16>,
     /// TCP (default), UDP or SCTP.
     #[serde(default = "tcp")]
     pub protocol: String,
@@ -106,6 +109,11 @@ pub struct Pod {
 }
 
 impl Pod {
+    /// Every declared container port.
+    pub fn ports(&self) -> impl Iterator<Item = &ContainerPort> {
+        self.spec.containers.iter().flat_map(|c| c.ports.iter())
+    }
+
     pub fn namespace(&self) -> &str {
         self.metadata.namespace.as_deref().unwrap_or("default")
     }

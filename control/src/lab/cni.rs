@@ -82,15 +82,27 @@ pub fn cni_args(namespace: &str, pod: &str, container_id: &str, uid: &str) -> St
 }
 
 /// The capability arguments containerd supplies for a pod: `portMappings`
-/// always (the pod's hostPorts; the lab's model has none, so empty), and
+/// always (one per container port with a `hostPort`, as the kubelet does), and
 /// `bandwidth` only when the pod has the `kubernetes.io/ingress-bandwidth`
 /// or `kubernetes.io/egress-bandwidth` annotations (rates in bits/s, bursts
 /// as containerd sets them).
 pub fn capability_args(
     annotations: &std::collections::BTreeMap<String, String>,
+    ports: &[crate::model::ContainerPort],
 ) -> anyhow::Result<Map<String, Value>> {
     let mut caps = Map::new();
-    caps.insert("portMappings".into(), Value::Array(vec![]));
+    let mappings: Vec<Value> = ports
+        .iter()
+        .filter_map(|p| {
+            let host = p.host_port?;
+            Some(serde_json::json!({
+                "hostPort": host,
+                "containerPort": p.container_port,
+                "protocol": p.protocol.to_ascii_lowercase(),
+            }))
+        })
+        .collect();
+    caps.insert("portMappings".into(), Value::Array(mappings));
     let mut bw = Map::new();
     for (dir, key) in [
         ("ingress", "kubernetes.io/ingress-bandwidth"),
@@ -462,18 +474,36 @@ mod tests {
     }
 
     #[test]
+    fn host_ports_become_port_mappings() {
+        let ports: Vec<crate::model::ContainerPort> = serde_json::from_value(json!([
+            {"containerPort": 80, "hostPort": 8080},
+            {"containerPort": 53, "protocol": "UDP", "hostPort": 5353},
+            {"containerPort": 81}
+        ]))
+        .unwrap();
+        let c = capability_args(&Default::default(), &ports).unwrap();
+        assert_eq!(
+            c["portMappings"],
+            json!([
+                {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
+                {"hostPort": 5353, "containerPort": 53, "protocol": "udp"}
+            ])
+        );
+    }
+
+    #[test]
     fn capability_args_from_annotations() {
         let mut ann = std::collections::BTreeMap::new();
-        let c = capability_args(&ann).unwrap();
+        let c = capability_args(&ann, &[]).unwrap();
         assert_eq!(Value::Object(c), json!({"portMappings": []}));
         ann.insert("kubernetes.io/ingress-bandwidth".to_string(), "10M".to_string());
-        let c = capability_args(&ann).unwrap();
+        let c = capability_args(&ann, &[]).unwrap();
         assert_eq!(
             c["bandwidth"],
             json!({"ingressRate": 10_000_000u64, "ingressBurst": 4294967295u64})
         );
         ann.insert("kubernetes.io/egress-bandwidth".to_string(), "what".to_string());
-        assert!(capability_args(&ann).is_err());
+        assert!(capability_args(&ann, &[]).is_err());
     }
 
     #[test]
@@ -534,7 +564,7 @@ mod tests {
             ifname: "eth0".into(),
             args: cni_args("x", "a", "c0ffee", "u"),
         };
-        let caps = capability_args(&Default::default()).unwrap();
+        let caps = capability_args(&Default::default(), &[]).unwrap();
         let result = add(&runner, &list, &att, &caps).unwrap();
         assert_eq!(result["interfaces"][0]["name"], "bandwidth", "the last plugin's result");
         let text = std::fs::read_to_string(&calls).unwrap();

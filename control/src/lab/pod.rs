@@ -100,7 +100,10 @@ impl Lab {
             };
             let pod_dir = self.state.pod_dir(&st.namespace, &st.name);
             let prepared = (|| -> anyhow::Result<AddJob> {
-                let caps = cni::capability_args(&p.metadata.annotations)?;
+                let caps = cni::capability_args(
+                    &p.metadata.annotations,
+                    &p.ports().cloned().collect::<Vec<_>>(),
+                )?;
                 let mut st = st.clone();
                 st.capability_args = caps.clone();
                 self.state.pods.insert(key.clone(), st.clone());

@@ -190,3 +190,30 @@ fn three_namespaces_of_three_pods_apply_and_delete() {
     lab.ocelot("down");
     assert_eq!(lab.leftovers(), Vec::<String>::new());
 }
+
+/// A pod's `hostPort` is published by the chained `portmap` plugin: a
+/// client attached to the fabric, outside the cluster, reaches the pod on
+/// the node's address.
+#[test]
+fn host_port_reaches_the_pod_from_outside_the_cluster() {
+    let dir = TempDir::new("ocelot-lab-files-");
+    let file = dir.0.join("hostport.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: ocelot.dev/v1\nkind: IPPool\nmetadata: {name: p}\nspec: {cidr: 10.67.0.0/16}\n---\nkind: Node\napiVersion: v1\nmetadata: {name: hp}\n---\nkind: Pod\napiVersion: v1\nmetadata: {name: web, namespace: x}\nspec:\n  nodeName: hp\n  containers:\n  - name: c\n    ports: [{containerPort: 80, hostPort: 8080}]\n",
+    )
+    .unwrap();
+    let lab = Lab::up(&file.display().to_string());
+    let out = lab.ocelot("get nodes -o json");
+    let nodes: Value = serde_json::from_str(&out[out.find('[').expect("nodes JSON")..]).unwrap();
+    let node_ip = nodes[0]["internalIP"].as_str().expect("internalIP").to_string();
+    // A client namespace on the fabric bridge, made inside namespaces only.
+    let client = Netns::new("octc");
+    let fabric = format!("ocl-{}-fabric", lab.name);
+    client.exec(&format!("ip link add octc0 type veth peer name octc1 netns {fabric}"));
+    client.exec("ip addr add 192.0.2.250/24 dev octc0");
+    client.exec("ip link set octc0 up");
+    sh(&format!("ip -n {fabric} link set octc1 master ocl-br0 up"));
+    let answer = client.exec(&format!("sh -c 'echo | timeout 3 nc -w 2 {node_ip} 8080'"));
+    assert_eq!(answer.trim(), "x/web", "hostPort answered {answer:?}");
+}
