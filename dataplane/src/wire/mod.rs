@@ -4,6 +4,7 @@
 
 pub mod mac;
 pub mod vnet;
+pub mod vxlan;
 
 pub use mac::MacAddr;
 pub use vnet::{GsoType, VnetHdr, VNET_HDR_LEN};
