@@ -239,6 +239,41 @@ fn gso(c: &mut Criterion) {
     g.finish();
 }
 
+/// VXLAN encapsulation and decapsulation of one 64 B and one 1500 B inner
+/// frame (building the outer headers, and parsing/validating them).
+fn vxlan(c: &mut Criterion) {
+    use ocelot_dataplane::wire::vxlan;
+    let mut g = c.benchmark_group("vxlan");
+    let p = vxlan::EncapParams {
+        src_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+        dst_mac: MacAddr([2, 0, 0, 0, 0, 2]),
+        src_ip: "192.0.2.1".parse().unwrap(),
+        dst_ip: "192.0.2.2".parse().unwrap(),
+        src_port: vxlan::source_port(12345),
+        dst_port: 4789,
+        vni: 4096,
+        ip_id: 0,
+        ttl: 64,
+        tos: 0,
+        df: true,
+        flow_label: 0,
+    };
+    for len in [64usize, 1500] {
+        let inner = udp_frame(len);
+        let mut out = Vec::with_capacity(len + 100);
+        g.throughput(Throughput::Elements(1));
+        g.bench_with_input(BenchmarkId::new("encap", format!("{len}B")), &inner, |b, inner| {
+            b.iter(|| vxlan::encapsulate(black_box(inner), &p, &mut out).unwrap())
+        });
+        vxlan::encapsulate(&inner, &p, &mut out).unwrap();
+        let outer = out.clone();
+        g.bench_with_input(BenchmarkId::new("decap", format!("{len}B")), &outer, |b, outer| {
+            b.iter(|| vxlan::decapsulate(black_box(outer), true).unwrap())
+        });
+    }
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(20)
@@ -249,6 +284,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = forward, lpm, gso
+    targets = forward, lpm, gso, vxlan
 }
 criterion_main!(benches);
