@@ -214,6 +214,12 @@ fn host_port_reaches_the_pod_from_outside_the_cluster() {
     client.exec("ip addr add 192.0.2.250/24 dev octc0");
     client.exec("ip link set octc0 up");
     sh(&format!("ip -n {fabric} link set octc1 master ocl-br0 up"));
-    let answer = client.exec(&format!("sh -c 'echo | timeout 3 nc -w 2 {node_ip} 8080'"));
-    assert_eq!(answer.trim(), "x/web", "hostPort answered {answer:?}");
+    // The pod's server starts asynchronously (as a container would): retry.
+    let mut answer = String::new();
+    let ok = wait_until(std::time::Duration::from_secs(10), || {
+        let out = client.exec_out(&format!("sh -c 'echo | timeout 2 nc -w 1 {node_ip} 8080'"));
+        answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        answer == "x/web"
+    });
+    assert!(ok, "hostPort answered {answer:?}");
 }
