@@ -154,26 +154,21 @@ pub fn encapsulate(inner: &[u8], p: &EncapParams, out: &mut Vec<u8>) -> Result<(
     Ok(())
 }
 
-fn udp_checksum(frame: &[u8], udp_at: usize, src: IpAddr, dst: IpAddr) -> u16 {
-    let mut acc = 0u32;
-    match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            acc = csum::sum(&s.octets(), acc);
-            acc = csum::sum(&d.octets(), acc);
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            acc = csum::sum(&s.octets(), acc);
-            acc = csum::sum(&d.octets(), acc);
-        }
-        _ => {}
-    }
-    let udp = &frame[udp_at..];
+/// One's-complement sum of the UDP pseudo-header and the UDP datagram.
+fn udp_sum(udp: &[u8], src: IpAddr, dst: IpAddr) -> u32 {
+    let mut acc = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => csum::sum(&s.octets(), csum::sum(&d.octets(), 0)),
+        (IpAddr::V6(s), IpAddr::V6(d)) => csum::sum(&s.octets(), csum::sum(&d.octets(), 0)),
+        _ => 0,
+    };
     acc = acc.wrapping_add(17).wrapping_add(udp.len() as u32);
-    let c = !csum::fold(csum::sum(udp, acc));
-    if c == 0 {
-        0xffff
-    } else {
-        c
+    csum::sum(udp, acc)
+}
+
+fn udp_checksum(frame: &[u8], udp_at: usize, src: IpAddr, dst: IpAddr) -> u16 {
+    match !csum::fold(udp_sum(&frame[udp_at..], src, dst)) {
+        0 => 0xffff,
+        c => c,
     }
 }
 
@@ -240,22 +235,11 @@ pub fn decapsulate(frame: &[u8], verify_udp: bool) -> Result<Decap, VxlanError> 
         return Err(VxlanError::BadLength);
     }
     let check = u16::from_be_bytes([udp[6], udp[7]]);
-    if verify_udp && check != 0 {
-        let mut acc = 0u32;
-        let (s, d) = (src_ip, dst_ip);
-        match (s, d) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => {
-                acc = csum::sum(&s.octets(), csum::sum(&d.octets(), acc));
-            }
-            (IpAddr::V6(s), IpAddr::V6(d)) => {
-                acc = csum::sum(&s.octets(), csum::sum(&d.octets(), acc));
-            }
-            _ => {}
-        }
-        acc = acc.wrapping_add(17).wrapping_add(udp_len as u32);
-        if csum::fold(csum::sum(&frame[udp_at..l3_end], acc)) != 0xffff {
-            return Err(VxlanError::BadUdpChecksum);
-        }
+    if verify_udp
+        && check != 0
+        && csum::fold(udp_sum(&frame[udp_at..l3_end], src_ip, dst_ip)) != 0xffff
+    {
+        return Err(VxlanError::BadUdpChecksum);
     }
     let vni = parse_header(&frame[udp_at + 8..])?;
     Ok(Decap {
