@@ -112,8 +112,15 @@ fn drops_are_counted_by_reason() {
     let node = DataplaneNode::start("oct-n", "192.0.2.12", "10.72.0.0/16", "");
     let a = node.add_pod("oct-a", "10.72.0.2");
     let before = drops(&node.counters(), "no_route");
-    // An address in the pool with no endpoint: dropped, not sent to the host.
-    assert!(!a.ping("10.72.0.99"));
+    // An address in the pool with no endpoint: dropped, not sent to the
+    // host, and the sender told at once.
+    let out = a.exec_out("ping -c 1 -W 1 10.72.0.99");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        text.contains("169.254.1.1") && text.contains("Destination Host Unreachable"),
+        "{text}"
+    );
     let after = drops(&node.counters(), "no_route");
     assert!(after > before, "no_route did not count: {before} -> {after}");
     // TTL 1 towards another node address: time exceeded from the gateway.

@@ -18,6 +18,11 @@ pub(super) fn time_exceeded(f: &mut Frame, gw: MacAddr) -> bool {
     error(f, gw, 11, 0, [0; 4])
 }
 
+/// Rewrite `f` into an ICMP destination unreachable (host unreachable).
+pub(super) fn host_unreachable(f: &mut Frame, gw: MacAddr) -> bool {
+    error(f, gw, 3, 1, [0; 4])
+}
+
 /// Rewrite `f` into an ICMP "fragmentation needed" advertising `mtu`.
 #[allow(dead_code)] // the tunnel MTU check uses it
 pub(super) fn frag_needed(f: &mut Frame, gw: MacAddr, mtu: u16) -> bool {

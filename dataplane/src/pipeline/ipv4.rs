@@ -26,7 +26,12 @@ pub(super) fn forward(ctx: &Ctx<'_>, f: &mut Frame) -> Verdict {
     }
     let dst = IpAddr::V4(h.destination_addr());
     let Some(out) = ctx.tables.route(dst) else {
-        return Verdict::Drop(DropReason::NoRoute);
+        // Tell the sender at once (host unreachable), as a router does,
+        // rather than letting it time out.
+        return match icmp::host_unreachable(f, ctx.tables.gateway_mac) {
+            true => Verdict::Reply(ctx.in_port, DropReason::NoRoute),
+            false => Verdict::Drop(DropReason::NoRoute),
+        };
     };
     // Never send the host's traffic back to the host: it routed it to us.
     if out == ctx.in_port && ctx.in_kind_host {

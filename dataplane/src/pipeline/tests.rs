@@ -157,12 +157,15 @@ fn unknown_destination_goes_to_host_and_host_never_gets_its_own_back() {
 }
 
 #[test]
-fn pool_address_without_endpoint_is_no_route() {
+fn pool_address_without_endpoint_is_no_route_with_host_unreachable() {
     let t = lab_tables();
-    assert_eq!(
-        run(&t, A, &udp(MAC_A, GW, "10.65.0.2", "10.65.0.77", 64, b"x")).0,
-        Verdict::Drop(DropReason::NoRoute)
-    );
+    let (v, f) = run(&t, A, &udp(MAC_A, GW, "10.65.0.2", "10.65.0.77", 64, b"x"));
+    assert_eq!(v, Verdict::Reply(A, DropReason::NoRoute));
+    let d = f.data();
+    assert_eq!(&d[0..6], &MAC_A.0);
+    assert_eq!(&d[30..34], &[10, 65, 0, 2], "back to the sender");
+    assert_eq!(&d[34..36], &[3, 1], "destination unreachable, host unreachable");
+    assert_eq!(csum::checksum(&d[34..]), 0);
 }
 
 #[test]
