@@ -16,17 +16,15 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use etherparse::PacketBuilder;
-use ocelot_dataplane::counters::{DropTally, PortStats};
+use ocelot_dataplane::counters::DropTally;
 use ocelot_dataplane::frame::Frame;
 use ocelot_dataplane::pipeline::{self, Verdict, ETH_LEN};
-use ocelot_dataplane::port::memory::SinkTx;
 use ocelot_dataplane::port::PortId;
 use ocelot_dataplane::tables::{Lpm, NextHop, PortEntry, PortKind, Tables};
 use ocelot_dataplane::wire::vnet::F_NEEDS_CSUM;
 use ocelot_dataplane::wire::{GsoType, MacAddr};
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
 use std::time::Duration;
 
 const BATCH: usize = 32;
@@ -45,15 +43,7 @@ fn ip(s: &str) -> Ipv4Addr {
 }
 
 fn entry(id: PortId, kind: PortKind, mac: MacAddr, ips: &[&str]) -> PortEntry {
-    PortEntry {
-        id,
-        name: format!("p{id}"),
-        kind,
-        peer_mac: mac,
-        ips: ips.iter().map(|s| IpAddr::V4(ip(s))).collect(),
-        tx: Arc::new(SinkTx::default()),
-        stats: Arc::new(PortStats::default()),
-    }
+    PortEntry::counting(id, kind, mac, ips.iter().map(|s| IpAddr::V4(ip(s))).collect())
 }
 
 /// The tables of a node with two pods and the host port, plus routes of a

@@ -3,11 +3,9 @@
 use super::*;
 use crate::counters::PortStats;
 use crate::csum;
-use crate::port::memory::SinkTx;
 use crate::tables::{NextHop, PortEntry, PortKind};
 use etherparse::PacketBuilder;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
 
 const GW: MacAddr = MacAddr([0xee; 6]);
 const MAC_A: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x0a]);
@@ -22,15 +20,7 @@ fn ip(s: &str) -> Ipv4Addr {
 }
 
 fn entry(id: PortId, kind: PortKind, mac: MacAddr, ips: &[&str]) -> PortEntry {
-    PortEntry {
-        id,
-        name: format!("p{id}"),
-        kind,
-        peer_mac: mac,
-        ips: ips.iter().map(|s| IpAddr::V4(ip(s))).collect(),
-        tx: Arc::new(SinkTx::default()),
-        stats: Arc::new(PortStats::default()),
-    }
+    PortEntry::counting(id, kind, mac, ips.iter().map(|s| IpAddr::V4(ip(s))).collect())
 }
 
 pub(crate) fn lab_tables() -> Tables {

@@ -39,6 +39,22 @@ pub struct PortEntry {
     pub stats: Arc<PortStats>,
 }
 
+impl PortEntry {
+    /// A port whose transmit side only counts ([`crate::port::memory::SinkTx`]):
+    /// for tests and benchmarks of the pipeline.
+    pub fn counting(id: PortId, kind: PortKind, peer_mac: MacAddr, ips: Vec<IpAddr>) -> PortEntry {
+        PortEntry {
+            id,
+            name: format!("p{id}"),
+            kind,
+            peer_mac,
+            ips,
+            tx: Arc::new(crate::port::memory::SinkTx::default()),
+            stats: Arc::new(PortStats::default()),
+        }
+    }
+}
+
 /// Where a route sends a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NextHop {
