@@ -149,11 +149,13 @@ impl DropTally {
         self.0[r as usize] += 1;
     }
 
-    /// Add everything into `to` and reset.
-    pub fn flush(&mut self, to: &DropCounters) {
+    /// Add everything into each of `to` and reset.
+    pub fn flush(&mut self, to: &[&DropCounters]) {
         for (i, n) in self.0.iter_mut().enumerate() {
             if *n > 0 {
-                to.add(DropReason::ALL[i], u64::from(*n));
+                for c in to {
+                    c.add(DropReason::ALL[i], u64::from(*n));
+                }
                 *n = 0;
             }
         }
@@ -179,8 +181,8 @@ mod tests {
         let mut t = DropTally::default();
         t.bump(DropReason::NoRoute);
         t.bump(DropReason::NoRoute);
-        t.flush(&c);
-        t.flush(&c);
+        t.flush(&[&c]);
+        t.flush(&[&c]);
         assert_eq!(c.get(DropReason::NoRoute), 2);
         assert_eq!(c.snapshot().get("no_route"), Some(&2));
         assert_eq!(c.snapshot().len(), 1);

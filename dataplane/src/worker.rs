@@ -150,6 +150,8 @@ struct Scratch {
     groups: Vec<(PortId, Vec<u16>)>,
     segs: Vec<Frame>,
     handoff_in: Vec<(PortId, Frame)>,
+    /// Hand-off frames of one input port, as a batch.
+    handoff_run: Vec<Frame>,
 }
 
 struct Worker {
@@ -185,6 +187,7 @@ impl Worker {
             groups: Vec::new(),
             segs: Vec::new(),
             handoff_in: Vec::with_capacity(batch),
+            handoff_run: Vec::with_capacity(batch),
         };
         Worker {
             id,
@@ -375,7 +378,7 @@ impl Worker {
             let mut items = std::mem::take(&mut self.s.handoff_in);
             // Frames from one port are processed together, in arrival order.
             items.sort_by_key(|(p, _)| *p);
-            let mut run: Vec<Frame> = Vec::with_capacity(items.len());
+            let mut run = std::mem::take(&mut self.s.handoff_run);
             let mut it = items.drain(..).peekable();
             while let Some((port, f)) = it.next() {
                 run.push(f);
@@ -387,6 +390,7 @@ impl Worker {
             }
             drop(it);
             self.s.handoff_in = items;
+            self.s.handoff_run = run;
         }
     }
 
@@ -402,15 +406,14 @@ impl Worker {
         let in_stats = tables.port(in_port).map(|p| p.stats.clone());
         let rx_bytes: u64 = frames.iter().map(|f| f.len() as u64).sum();
         pipeline::process(tables, in_port, frames, &mut self.s.verdicts, &mut self.s.tally);
-        if let Some(st) = &in_stats {
-            st.add_rx(received as u64, rx_bytes);
-            self.s.tally.flush(&st.drops);
-        }
-        // Count the worker's own view of the same drops.
-        for v in &self.s.verdicts {
-            if let Verdict::Drop(r) | Verdict::Reply(_, r) = v {
-                self.stats.port.drops.add(*r, 1);
+        // One tally per batch, published to the port and the worker alike
+        // (never carried over to the next batch, even if the port is gone).
+        match &in_stats {
+            Some(st) => {
+                st.add_rx(received as u64, rx_bytes);
+                self.s.tally.flush(&[&st.drops, &self.stats.port.drops]);
             }
+            None => self.s.tally.flush(&[&self.stats.port.drops]),
         }
         self.stats.port.add_rx(received as u64, rx_bytes);
         self.stats.batches.fetch_add(1, Relaxed);

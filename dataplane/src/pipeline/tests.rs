@@ -273,7 +273,7 @@ fn drops_are_tallied_per_reason() {
     let mut tally = DropTally::default();
     process(&t, A, &mut frames, &mut v, &mut tally);
     let stats = PortStats::default();
-    tally.flush(&stats.drops);
+    tally.flush(&[&stats.drops]);
     assert_eq!(stats.drops.get(DropReason::Malformed), 1);
     assert_eq!(stats.drops.get(DropReason::NoRoute), 1);
     assert_eq!(v[0], Verdict::Tx(B));
