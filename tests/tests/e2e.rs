@@ -204,3 +204,21 @@ mod agent;
 
 #[path = "e2e/lab.rs"]
 mod lab;
+
+/// Two workers: ports are spread over them, and frames received by the
+/// worker that does not own their flow are handed to the one that does.
+#[test]
+fn two_workers_hand_off_flows_and_forward() {
+    let node = DataplaneNode::start("oct-n", "192.0.2.15", "10.75.0.0/16", "--cores 0,1");
+    let a = node.add_pod("oct-a", "10.75.0.2");
+    let b = node.add_pod("oct-b", "10.75.0.3");
+    assert!(a.ping("10.75.0.3") && b.ping("10.75.0.2"));
+    let tcp = iperf(&b, &a, "10.75.0.3", false);
+    assert!(tcp > 100e6, "TCP over two workers only {tcp} bit/s");
+    let c = node.counters();
+    let workers = c["workers"].as_array().expect("workers");
+    assert_eq!(workers.len(), 2);
+    assert!(workers.iter().all(|w| w["ports"].as_u64().unwrap_or(0) > 0), "ports not spread: {c}");
+    let handed: u64 = workers.iter().map(|w| w["handoff_in"].as_u64().unwrap_or(0)).sum();
+    assert!(handed > 0, "no frame was handed to its flow's owner: {c}");
+}
