@@ -46,6 +46,12 @@ drop_reasons! {
     HandoffFull = "handoff_full": "the queue to the worker owning the flow was full",
     PortGone = "port_gone": "the output port was removed while the frame was in flight",
     SegmentFailed = "segment_failed": "software segmentation of a GSO frame failed",
+    TooBig = "too_big": "packet with DF set larger than the path (tunnel) MTU; an ICMP fragmentation-needed was sent back",
+    TunnelMalformed = "tunnel_malformed": "tunnel packet truncated, with bad flags, or not carrying Ethernet/IPv4 inside",
+    TunnelUnknownPeer = "tunnel_unknown_peer": "tunnel packet from an address that is not a known node",
+    TunnelWrongVni = "tunnel_wrong_vni": "VXLAN packet with a VNI other than ours",
+    TunnelNotLocal = "tunnel_not_local": "decapsulated packet not for a pod on this node (never relayed)",
+    NoOverlay = "no_overlay": "route to another node, but the overlay (tunnel port) is not set up",
 }
 
 /// Counters of one port. Written by workers (once per batch), read by the API.

@@ -11,9 +11,20 @@ pub const HEADROOM: usize = 128;
 /// Largest frame a port may hand us: a 64 KiB GSO segment plus its L2 header.
 pub const MAX_FRAME: usize = 65536 + 128;
 
+/// What a frame carries besides its bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Meta {
+    /// The underlay peer: the outer source of a frame received from a
+    /// tunnel, the outer destination of one sent into a tunnel.
+    pub peer: Option<std::net::Ipv4Addr>,
+    /// A hash of the inner flow (for the outer UDP source port).
+    pub flow_hash: u32,
+}
+
 /// One frame and its offload metadata.
 pub struct Frame {
     pub vnet: VnetHdr,
+    pub meta: Meta,
     buf: Box<[u8]>,
     start: usize,
     len: usize,
@@ -29,6 +40,7 @@ impl Frame {
     pub fn with_capacity(cap: usize) -> Frame {
         Frame {
             vnet: VnetHdr::default(),
+            meta: Meta::default(),
             buf: vec![0u8; HEADROOM + cap].into_boxed_slice(),
             start: HEADROOM,
             len: 0,
@@ -65,6 +77,7 @@ impl Frame {
         self.start = HEADROOM;
         self.len = 0;
         self.vnet = VnetHdr::default();
+        self.meta = Meta::default();
         &mut self.buf[HEADROOM..]
     }
 
@@ -93,6 +106,37 @@ impl Frame {
         self.buf[HEADROOM..HEADROOM + n].copy_from_slice(&bytes[..n]);
         self.len = n;
         self.vnet = VnetHdr::default();
+        self.meta = Meta::default();
+    }
+
+    /// Remove `n` bytes from the front (a header being stripped). Returns
+    /// false, changing nothing, when the frame is shorter than `n`.
+    pub fn pull(&mut self, n: usize) -> bool {
+        if n > self.len {
+            return false;
+        }
+        self.start += n;
+        self.len -= n;
+        true
+    }
+
+    /// Add `n` bytes at the front, taken from the headroom, and return them
+    /// for the caller to fill. `None` when the headroom is too small.
+    pub fn push(&mut self, n: usize) -> Option<&mut [u8]> {
+        if n > self.start {
+            return None;
+        }
+        self.start -= n;
+        self.len += n;
+        Some(&mut self.buf[self.start..self.start + n])
+    }
+
+    /// A copy of the frame with its offload state and metadata.
+    pub fn duplicate(&self) -> Frame {
+        let mut c = Frame::from_bytes(self.data());
+        c.vnet = self.vnet;
+        c.meta = self.meta;
+        c
     }
 
     /// Room for the frame to grow into after its end.

@@ -204,7 +204,7 @@ fn stats(a: ClientArgs) -> Res {
         return Err("unexpected reply".into());
     };
     println!(
-        "{:<5} {:<16} {:<5} {:>12} {:>14} {:>12} {:>14}  drops",
+        "{:<5} {:<16} {:<6} {:>12} {:>14} {:>12} {:>14}  drops",
         "PORT", "NAME", "KIND", "RX_PKTS", "RX_BYTES", "TX_PKTS", "TX_BYTES"
     );
     for p in &ports {
@@ -212,9 +212,14 @@ fn stats(a: ClientArgs) -> Res {
         let kind = match p.kind {
             ocelot_dataplane::tables::PortKind::Pod => "pod",
             ocelot_dataplane::tables::PortKind::Host => "host",
+            ocelot_dataplane::tables::PortKind::Tunnel(e) => match e {
+                ocelot_dataplane::tables::Encap::Vxlan => "vxlan",
+                ocelot_dataplane::tables::Encap::Ipip => "ipip",
+                ocelot_dataplane::tables::Encap::Native => "native",
+            },
         };
         println!(
-            "{:<5} {:<16} {:<5} {:>12} {:>14} {:>12} {:>14}  {}",
+            "{:<5} {:<16} {:<6} {:>12} {:>14} {:>12} {:>14}  {}",
             p.port,
             p.name,
             kind,
@@ -271,7 +276,7 @@ fn state(a: ClientArgs) -> Res {
         println!("{}", serde_json::to_string_pretty(&reply)?);
         return Ok(());
     }
-    let Reply::State { tables_version, endpoints, pools, host_iface } = reply else {
+    let Reply::State { tables_version, endpoints, pools, host_iface, overlay } = reply else {
         return Err("unexpected reply".into());
     };
     println!(
@@ -291,6 +296,28 @@ fn state(a: ClientArgs) -> Res {
             ips,
             e.spec.netns.display()
         );
+    }
+    if let Some(o) = overlay {
+        println!(
+            "\noverlay: local {} on {} (/{}), VTEP {}, VNI {}, port {}; MTU uplink {}, VXLAN {}, IPIP {}",
+            o.spec.local_ip,
+            o.uplink,
+            o.uplink_prefix,
+            o.spec.vtep_mac,
+            o.spec.vni,
+            o.spec.vxlan_port,
+            o.uplink_mtu,
+            o.vxlan_mtu,
+            o.ipip_mtu
+        );
+        println!("{:<16} {:<16} {:<18}", "NODE", "ADDRESS", "VTEP MAC");
+        for n in &o.spec.nodes {
+            println!("{:<16} {:<16} {:<18}", n.name, n.ip.to_string(), n.vtep_mac.to_string());
+        }
+        println!("{:<20} {:<16} ENCAP", "ROUTE", "NODE");
+        for r in &o.spec.routes {
+            println!("{:<20} {:<16} {:?}", r.cidr.to_string(), r.node, r.encap);
+        }
     }
     Ok(())
 }

@@ -14,6 +14,8 @@ pub struct Persisted {
     pub format: u32,
     pub endpoints: Vec<EndpointSpec>,
     pub pools: Vec<Cidr>,
+    #[serde(default)]
+    pub overlay: Option<crate::api::OverlaySpec>,
 }
 
 /// The state directory, created root-only.
@@ -95,6 +97,23 @@ mod tests {
                 mtu: 1450,
             }],
             pools: vec!["10.65.0.0/16".parse().unwrap()],
+            overlay: Some(crate::api::OverlaySpec {
+                local_ip: "192.0.2.11".parse().unwrap(),
+                vtep_mac: "66:00:00:00:00:01".parse().unwrap(),
+                vni: 4096,
+                vxlan_port: 4789,
+                uplink_mtu: 0,
+                nodes: vec![crate::api::RemoteNodeSpec {
+                    name: "node-2".into(),
+                    ip: "192.0.2.12".parse().unwrap(),
+                    vtep_mac: "66:00:00:00:00:02".parse().unwrap(),
+                }],
+                routes: vec![crate::api::RemoteRoute {
+                    cidr: "10.65.1.0/26".parse().unwrap(),
+                    node: "node-2".into(),
+                    encap: crate::tables::Encap::Vxlan,
+                }],
+            }),
         };
         sd.save(&s).unwrap();
         assert_eq!(sd.load().unwrap(), s);

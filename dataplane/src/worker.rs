@@ -334,17 +334,20 @@ impl Worker {
         if self.n <= 1 {
             return n;
         }
+        let kind = match self.tables.load().port(in_port) {
+            Some(p) => p.kind.clone(),
+            None => return n,
+        };
         let mut kept = 0;
         for i in 0..n {
-            let owner = flow::owner(self.s.frames[i].data(), self.n);
+            let owner = flow::owner(self.s.frames[i].data(), &kind, self.n);
             if owner == self.id {
                 self.s.frames.swap(kept, i);
                 kept += 1;
                 continue;
             }
             let f = &self.s.frames[i];
-            let mut copy = Frame::from_bytes(f.data());
-            copy.vnet = f.vnet;
+            let copy = f.duplicate();
             let peer = &self.peers[owner];
             if peer.handoff.push((in_port, copy)).is_err() {
                 self.stats.port.drops.add(DropReason::HandoffFull, 1);

@@ -88,6 +88,76 @@ fn default_mtu() -> u32 {
     1500
 }
 
+/// Another node, as the overlay needs it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteNodeSpec {
+    pub name: String,
+    /// Its underlay address: where tunnel packets go, and the only source
+    /// tunnel packets from it are accepted from.
+    pub ip: std::net::Ipv4Addr,
+    /// Its VTEP MAC (the inner destination of VXLAN frames to it).
+    pub vtep_mac: MacAddr,
+}
+
+/// Pods of another node, and how to reach them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteRoute {
+    pub cidr: Cidr,
+    /// A node of [`OverlaySpec::nodes`], by name.
+    pub node: String,
+    pub encap: crate::tables::Encap,
+}
+
+/// The whole cross-node state: this node's tunnel endpoint, the other
+/// nodes, and the routes to their pods. Each `set_overlay` replaces the
+/// previous one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverlaySpec {
+    /// This node's underlay address; the uplink is the interface holding it.
+    pub local_ip: std::net::Ipv4Addr,
+    /// This node's VTEP MAC.
+    pub vtep_mac: MacAddr,
+    #[serde(default = "default_vni")]
+    pub vni: u32,
+    #[serde(default = "default_vxlan_port")]
+    pub vxlan_port: u16,
+    /// The uplink's MTU; 0 (the default) reads it from the interface.
+    #[serde(default)]
+    pub uplink_mtu: u32,
+    #[serde(default)]
+    pub nodes: Vec<RemoteNodeSpec>,
+    #[serde(default)]
+    pub routes: Vec<RemoteRoute>,
+}
+
+/// Calico's default VNI.
+pub fn default_vni() -> u32 {
+    4096
+}
+
+/// The IANA VXLAN port.
+pub fn default_vxlan_port() -> u16 {
+    4789
+}
+
+/// What the dataplane made of an [`OverlaySpec`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverlayStatus {
+    pub spec: OverlaySpec,
+    /// The interface holding `local_ip`, and its prefix length.
+    pub uplink: String,
+    pub uplink_prefix: u8,
+    /// The MTU in use (detected or given).
+    pub uplink_mtu: u32,
+    /// Largest inner packet per encapsulation: the pods' MTU should not
+    /// exceed the one of the encapsulation they use.
+    pub vxlan_mtu: u32,
+    pub ipip_mtu: u32,
+}
+
 /// Requests.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
@@ -108,6 +178,8 @@ pub enum Request {
     AddEndpoint { endpoint: EndpointSpec },
     /// Remove one endpoint; succeeds when it is already gone.
     RemoveEndpoint { name: String },
+    /// Replace the overlay: tunnel endpoint, other nodes, their routes.
+    SetOverlay { overlay: OverlaySpec },
     /// Read every counter.
     Counters,
     /// Read the endpoints, pools and table version.
@@ -199,6 +271,10 @@ pub enum Reply {
     Endpoint {
         endpoint: EndpointStatus,
     },
+    Overlay {
+        tables_version: u64,
+        overlay: OverlayStatus,
+    },
     Counters {
         ports: Vec<PortCounters>,
         workers: Vec<WorkerCounters>,
@@ -209,6 +285,8 @@ pub enum Reply {
         endpoints: Vec<EndpointStatus>,
         pools: Vec<Cidr>,
         host_iface: Option<String>,
+        #[serde(default)]
+        overlay: Option<OverlayStatus>,
     },
 }
 

@@ -131,6 +131,7 @@ pub fn dispatch(req: Request, version: &mut Option<u32>, engine: &Mutex<Engine>)
         Request::RemoveEndpoint { name } => {
             engine.remove_endpoint(&name).map(|v| Reply::Done { tables_version: v })
         }
+        Request::SetOverlay { overlay } => engine.set_overlay(overlay),
         Request::Counters => Ok(engine.counters()),
         Request::State => Ok(engine.state()),
     };

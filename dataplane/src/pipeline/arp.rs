@@ -8,6 +8,7 @@
 use super::{set_macs, Ctx, Verdict, ETH_LEN};
 use crate::counters::DropReason;
 use crate::frame::Frame;
+use crate::tables::Hop;
 use smoltcp::wire::{ArpOperation, ArpPacket, ArpRepr, EthernetAddress};
 use std::net::IpAddr;
 
@@ -30,7 +31,11 @@ pub(super) fn answer(ctx: &Ctx<'_>, f: &mut Frame) -> Verdict {
     }
     let target = IpAddr::V4(target_protocol_addr);
     let ours = if ctx.in_kind_host {
-        matches!(ctx.tables.route(target), Some(p) if p != ctx.in_port)
+        match ctx.tables.route(target) {
+            Hop::Local(p) => p != ctx.in_port,
+            Hop::Remote { .. } => true,
+            Hop::None => false,
+        }
     } else {
         !ctx.in_ips.contains(&target)
     };

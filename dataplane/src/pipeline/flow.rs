@@ -9,6 +9,8 @@
 //! is that all flows between one pair of addresses share one worker.
 
 use super::{ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETH_LEN};
+use crate::tables::{Encap, PortKind};
+use crate::wire::vxlan;
 
 /// A symmetric hash of the frame's IP addresses; 0 for non-IP frames (ARP
 /// is stateless and answered by whichever worker receives it).
@@ -29,6 +31,10 @@ pub fn symmetric_hash(data: &[u8]) -> u32 {
         },
         _ => return 0,
     };
+    pair_hash(a, b)
+}
+
+fn pair_hash(a: &[u8], b: &[u8]) -> u32 {
     let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
     let mut h: u32 = 0x811c_9dc5;
     for x in lo.iter().chain(hi) {
@@ -38,12 +44,31 @@ pub fn symmetric_hash(data: &[u8]) -> u32 {
     h ^ (h >> 16)
 }
 
-/// The worker (out of `n`) that owns the frame's flow.
+/// The hash of the flow a frame received on a port of `kind` carries: for
+/// a tunnel, the inner packet's (so both directions of a pod-to-pod flow
+/// meet on one worker, whether they cross a tunnel or not).
 #[inline]
-pub fn owner(data: &[u8], n: usize) -> usize {
+pub fn frame_hash(data: &[u8], kind: &PortKind) -> u32 {
+    match kind {
+        PortKind::Tunnel(Encap::Vxlan) => data.get(vxlan::HEADER_LEN..).map_or(0, symmetric_hash),
+        PortKind::Tunnel(Encap::Ipip) => {
+            let hl = data.first().map_or(0, |b| usize::from(b & 0x0f) * 4);
+            match data.get(hl + 12..hl + 20) {
+                Some(s) => pair_hash(&s[..4], &s[4..]),
+                None => 0,
+            }
+        }
+        _ => symmetric_hash(data),
+    }
+}
+
+/// The worker (out of `n`) that owns the flow of a frame received on a port
+/// of `kind`.
+#[inline]
+pub fn owner(data: &[u8], kind: &PortKind, n: usize) -> usize {
     if n <= 1 {
         0
     } else {
-        symmetric_hash(data) as usize % n
+        frame_hash(data, kind) as usize % n
     }
 }

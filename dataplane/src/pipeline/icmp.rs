@@ -24,7 +24,6 @@ pub(super) fn host_unreachable(f: &mut Frame, gw: MacAddr) -> bool {
 }
 
 /// Rewrite `f` into an ICMP "fragmentation needed" advertising `mtu`.
-#[allow(dead_code)] // the tunnel MTU check uses it
 pub(super) fn frag_needed(f: &mut Frame, gw: MacAddr, mtu: u16) -> bool {
     let m = mtu.to_be_bytes();
     error(f, gw, 3, 4, [0, 0, m[0], m[1]])

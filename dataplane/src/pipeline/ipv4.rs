@@ -1,18 +1,25 @@
-//! IPv4 forwarding between the node's ports: validate, route by longest
-//! prefix, decrement the TTL with an incremental checksum update, rewrite
-//! the Ethernet addresses.
+//! IPv4 forwarding: validate, route by longest prefix, check the path MTU
+//! of a tunnel, decrement the TTL with an incremental checksum update,
+//! rewrite the Ethernet addresses (to the peer's, or to the VTEPs' for a
+//! tunnel) and, for a tunnel, name the underlay peer in the frame's meta.
 
-use super::{icmp, set_macs, Ctx, Verdict, ETH_LEN};
+use super::{flow, icmp, set_macs, Ctx, Verdict, ETH_LEN};
 use crate::counters::DropReason;
 use crate::csum;
 use crate::frame::Frame;
+use crate::tables::{Encap, Hop};
+use crate::wire::GsoType;
 use std::net::IpAddr;
 
 /// Offsets inside the IPv4 header.
 mod field {
+    pub const FLAGS: usize = 6;
     pub const TTL: usize = 8;
     pub const CHECKSUM: std::ops::Range<usize> = 10..12;
 }
+
+/// The don't-fragment bit, in the flags byte.
+const DF: u8 = 0x40;
 
 pub(super) fn forward(ctx: &Ctx<'_>, f: &mut Frame) -> Verdict {
     let ip = &f.data()[ETH_LEN..];
@@ -25,28 +32,84 @@ pub(super) fn forward(ctx: &Ctx<'_>, f: &mut Frame) -> Verdict {
         return Verdict::Drop(DropReason::Malformed);
     }
     let dst = IpAddr::V4(h.destination_addr());
-    let Some(out) = ctx.tables.route(dst) else {
-        // Tell the sender at once (host unreachable), as a router does,
-        // rather than letting it time out.
-        return match icmp::host_unreachable(f, ctx.tables.gateway_mac) {
-            true => Verdict::Reply(ctx.in_port, DropReason::NoRoute),
-            false => Verdict::Drop(DropReason::NoRoute),
-        };
+    let ttl = h.ttl();
+    let df = ip[field::FLAGS] & DF != 0;
+    let t = ctx.tables;
+    // Where it goes: a local port with its peer's MAC, or a tunnel with the
+    // remote VTEP's MAC and our own as the source.
+    let (out, dst_mac, src_mac, peer) = match t.route(dst) {
+        Hop::Local(out) => {
+            // Never send the host's traffic back to the host: it routed it to us.
+            if out == ctx.in_port && ctx.in_kind_host {
+                return Verdict::Drop(DropReason::NoRoute);
+            }
+            let Some(port) = t.port(out) else {
+                return Verdict::Drop(DropReason::PortGone);
+            };
+            (out, port.peer_mac, t.gateway_mac, None)
+        }
+        Hop::Remote { node, encap } => {
+            let o = &t.overlay;
+            let (port, mtu) = match encap {
+                Encap::Vxlan => (o.vxlan_port, o.vxlan_mtu),
+                Encap::Ipip => (o.ipip_port, o.ipip_mtu),
+                // The node's kernel routes it over the shared segment.
+                Encap::Native => (t.host_port, u16::MAX),
+            };
+            let (Some(out), Some(n)) = (port, o.nodes.get(usize::from(node))) else {
+                return Verdict::Drop(DropReason::NoOverlay);
+            };
+            if out == ctx.in_port {
+                return Verdict::Drop(DropReason::NoRoute);
+            }
+            // The largest IP packet this frame puts on the wire: one segment
+            // of a GSO frame, or the whole packet.
+            let wire_len = if f.vnet.is_gso() {
+                let l4 = usize::from(f.vnet.csum_start);
+                let l4_hdr = match f.vnet.gso_type {
+                    GsoType::TcpV4 | GsoType::TcpV6 => {
+                        f.data().get(l4 + 12).map_or(20, |b| usize::from(b >> 4) * 4)
+                    }
+                    _ => 8,
+                };
+                l4.saturating_sub(ETH_LEN) + l4_hdr + usize::from(f.vnet.gso_size)
+            } else {
+                total
+            };
+            if wire_len > usize::from(mtu) && (df || f.vnet.is_gso()) {
+                // Never drop silently for size: tell the sender the MTU.
+                return match icmp::frag_needed(f, t.gateway_mac, mtu) {
+                    true => Verdict::Reply(ctx.in_port, DropReason::TooBig),
+                    false => Verdict::Drop(DropReason::TooBig),
+                };
+            }
+            match encap {
+                Encap::Native => {
+                    let peer_mac = t.port(out).map(|p| p.peer_mac).unwrap_or(t.gateway_mac);
+                    (out, peer_mac, t.gateway_mac, None)
+                }
+                _ => (out, n.vtep_mac, o.vtep_mac, Some(n.ip)),
+            }
+        }
+        Hop::None => {
+            // Tell the sender at once (host unreachable), as a router does,
+            // rather than letting it time out.
+            return match icmp::host_unreachable(f, t.gateway_mac) {
+                true => Verdict::Reply(ctx.in_port, DropReason::NoRoute),
+                false => Verdict::Drop(DropReason::NoRoute),
+            };
+        }
     };
-    // Never send the host's traffic back to the host: it routed it to us.
-    if out == ctx.in_port && ctx.in_kind_host {
-        return Verdict::Drop(DropReason::NoRoute);
-    }
-    let Some(port) = ctx.tables.port(out) else {
-        return Verdict::Drop(DropReason::PortGone);
-    };
-    if h.ttl() <= 1 {
-        return match icmp::time_exceeded(f, ctx.tables.gateway_mac) {
+    if ttl <= 1 {
+        return match icmp::time_exceeded(f, t.gateway_mac) {
             true => Verdict::Reply(ctx.in_port, DropReason::TtlExceeded),
             false => Verdict::Drop(DropReason::TtlExceeded),
         };
     }
-    let peer = port.peer_mac;
+    if peer.is_some() {
+        f.meta.peer = peer;
+        f.meta.flow_hash = flow::symmetric_hash(f.data());
+    }
     let data = f.data_mut();
     let ip = &mut data[ETH_LEN..];
     let old = u16::from_be_bytes([ip[field::TTL], ip[field::TTL + 1]]);
@@ -54,6 +117,6 @@ pub(super) fn forward(ctx: &Ctx<'_>, f: &mut Frame) -> Verdict {
     let new = u16::from_be_bytes([ip[field::TTL], ip[field::TTL + 1]]);
     let c = u16::from_be_bytes([ip[field::CHECKSUM.start], ip[field::CHECKSUM.start + 1]]);
     ip[field::CHECKSUM].copy_from_slice(&csum::update16(c, old, new).to_be_bytes());
-    set_macs(data, peer, ctx.tables.gateway_mac);
+    set_macs(data, dst_mac, src_mac);
     Verdict::Tx(out)
 }

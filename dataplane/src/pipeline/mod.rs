@@ -3,19 +3,21 @@
 //! decision is testable on in-memory frames.
 //!
 //! Stages for this version: validate the virtio-net header → parse Ethernet
-//! → ARP (answer for the gateway) | IPv4 (route, TTL, rewrite MACs).
-//! Later stages (decap, conntrack, policy, NAT, encap) slot in between
-//! without changing the shape: frames in, verdicts out.
+//! → ARP (answer for the gateway) | IPv4 (route, TTL, rewrite MACs, name
+//! the tunnel peer). Frames from a tunnel port are first checked and
+//! decapsulated (`tunnel`). Later stages (conntrack, policy, NAT) slot in
+//! between without changing the shape: frames in, verdicts out.
 
 mod arp;
 pub mod flow;
 mod icmp;
 mod ipv4;
+pub mod tunnel;
 
 use crate::counters::{DropReason, DropTally};
 use crate::frame::Frame;
 use crate::port::PortId;
-use crate::tables::Tables;
+use crate::tables::{PortKind, Tables};
 use crate::wire::MacAddr;
 
 /// Ethernet header length.
@@ -59,8 +61,15 @@ pub fn process(
     };
     let ctx =
         Ctx { tables, in_port, in_kind_host: tables.host_port == Some(in_port), in_ips: &port.ips };
+    let tunnel = match port.kind {
+        PortKind::Tunnel(e) => Some(e),
+        _ => None,
+    };
     for f in frames.iter_mut() {
-        let v = one(&ctx, f);
+        let v = match tunnel {
+            Some(e) => tunnel::receive(&ctx, e, f),
+            None => one(&ctx, f),
+        };
         if let Verdict::Drop(r) | Verdict::Reply(_, r) = v {
             drops.bump(r);
         }

@@ -285,8 +285,317 @@ fn flow_owner_is_symmetric() {
     let ba = udp(MAC_B, GW, "10.65.0.3", "10.65.0.2", 64, b"x");
     assert_eq!(flow::symmetric_hash(&ab), flow::symmetric_hash(&ba));
     for n in 1..8 {
-        assert_eq!(flow::owner(&ab, n), flow::owner(&ba, n));
+        assert_eq!(flow::owner(&ab, &PortKind::Pod, n), flow::owner(&ba, &PortKind::Pod, n));
     }
     let other = udp(MAC_A, GW, "10.65.0.2", "10.65.0.4", 64, b"x");
     assert_ne!(flow::symmetric_hash(&ab), flow::symmetric_hash(&other));
+}
+
+mod overlay {
+    //! Encapsulation decisions and the checks on decapsulated traffic.
+    use super::*;
+    use crate::tables::{Encap, Overlay, RemoteNode};
+    use crate::wire::vxlan;
+
+    const VX: PortId = 3;
+    const IPIP: PortId = 4;
+    const OUR_VTEP: MacAddr = MacAddr([0x66, 0, 0, 0, 0, 0x01]);
+    const PEER_VTEP: MacAddr = MacAddr([0x66, 0, 0, 0, 0, 0x02]);
+
+    fn peer() -> Ipv4Addr {
+        ip("192.0.2.12")
+    }
+
+    /// Node 0 owns 10.65.1.0/26 over VXLAN, 10.65.2.0/26 over IPIP, and
+    /// 10.65.3.0/26 natively.
+    fn tables() -> Tables {
+        let mut t = lab_tables();
+        t.set_port(entry(VX, PortKind::Tunnel(Encap::Vxlan), MacAddr([2; 6]), &[]));
+        t.set_port(entry(IPIP, PortKind::Tunnel(Encap::Ipip), MacAddr([2; 6]), &[]));
+        let nodes = vec![RemoteNode { name: "node-2".into(), ip: peer(), vtep_mac: PEER_VTEP }];
+        t.overlay = Overlay {
+            local_ip: Some(ip("192.0.2.11")),
+            vtep_mac: OUR_VTEP,
+            vni: 4096,
+            vxlan_port: Some(VX),
+            ipip_port: Some(IPIP),
+            vxlan_mtu: 1450,
+            ipip_mtu: 1480,
+            by_ip: [(peer(), 0u16)].into_iter().collect(),
+            nodes,
+        };
+        for (net, encap) in
+            [("10.65.1.0", Encap::Vxlan), ("10.65.2.0", Encap::Ipip), ("10.65.3.0", Encap::Native)]
+        {
+            t.routes.insert(IpAddr::V4(ip(net)), 26, NextHop::Remote { node: 0, encap });
+        }
+        t
+    }
+
+    fn run_meta(
+        t: &Tables,
+        port: PortId,
+        bytes: &[u8],
+        from: Option<Ipv4Addr>,
+    ) -> (Verdict, Frame) {
+        let mut f = Frame::from_bytes(bytes);
+        f.meta.peer = from;
+        let mut frames = vec![f];
+        let mut v = Vec::new();
+        let mut tally = DropTally::default();
+        process(t, port, &mut frames, &mut v, &mut tally);
+        (v[0], frames.pop().unwrap())
+    }
+
+    /// A VXLAN payload (header + inner frame) as the UDP socket delivers it.
+    fn vxlan_payload(vni: u32, inner: &[u8]) -> Vec<u8> {
+        let mut v = vec![0u8; vxlan::HEADER_LEN];
+        vxlan::emit_header(vni, &mut v).unwrap();
+        v.extend_from_slice(inner);
+        v
+    }
+
+    /// An IPIP packet as the raw socket delivers it (outer IPv4 header on).
+    fn ipip_packet(src: &str, dst: &str, inner_eth: &[u8], proto: u8) -> Vec<u8> {
+        let inner = &inner_eth[ETH_LEN..];
+        let mut h = etherparse::Ipv4Header::new(
+            inner.len() as u16,
+            64,
+            etherparse::IpNumber(proto),
+            ip(src).octets(),
+            ip(dst).octets(),
+        )
+        .unwrap();
+        h.header_checksum = h.calc_header_checksum();
+        let mut v = h.to_bytes().to_vec();
+        v.extend_from_slice(inner);
+        v
+    }
+
+    #[test]
+    fn pod_to_remote_pod_goes_to_the_tunnel_with_vtep_macs_and_peer() {
+        let t = tables();
+        let (v, f) = run(&t, A, &udp(MAC_A, GW, "10.65.0.2", "10.65.1.5", 64, b"hi"));
+        assert_eq!(v, Verdict::Tx(VX));
+        assert_eq!(f.meta.peer, Some(peer()));
+        assert_eq!(&f.data()[0..6], &PEER_VTEP.0);
+        assert_eq!(&f.data()[6..12], &OUR_VTEP.0);
+        assert_eq!(f.data()[ETH_LEN + 8], 63, "TTL decremented");
+        assert_eq!(csum::checksum(&f.data()[ETH_LEN..ETH_LEN + 20]), 0);
+        assert_ne!(f.meta.flow_hash, 0);
+
+        let (v, f) = run(&t, A, &udp(MAC_A, GW, "10.65.0.2", "10.65.2.5", 64, b"hi"));
+        assert_eq!(v, Verdict::Tx(IPIP));
+        assert_eq!(f.meta.peer, Some(peer()));
+
+        // Natively routed prefixes go to the node's kernel, which has the
+        // route via the peer.
+        let (v, f) = run(&t, A, &udp(MAC_A, GW, "10.65.0.2", "10.65.3.5", 64, b"hi"));
+        assert_eq!(v, Verdict::Tx(HOST));
+        assert_eq!(f.meta.peer, None);
+        assert_eq!(&f.data()[0..6], &MAC_HOST.0);
+    }
+
+    fn with_df(mut pkt: Vec<u8>, df: bool) -> Vec<u8> {
+        if df {
+            pkt[ETH_LEN + 6] |= 0x40;
+        } else {
+            pkt[ETH_LEN + 6] &= !0x40;
+        }
+        pkt[ETH_LEN + 10..ETH_LEN + 12].fill(0);
+        let c = csum::checksum(&pkt[ETH_LEN..ETH_LEN + 20]);
+        pkt[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&c.to_be_bytes());
+        pkt
+    }
+
+    #[test]
+    fn too_big_with_df_gets_frag_needed_with_the_tunnel_mtu() {
+        let t = tables();
+        let pkt = with_df(udp(MAC_A, GW, "10.65.0.2", "10.65.1.5", 64, &[0u8; 1440]), true);
+        let (v, f) = run(&t, A, &pkt);
+        assert_eq!(v, Verdict::Reply(A, DropReason::TooBig));
+        let icmp = &f.data()[ETH_LEN + 20..];
+        assert_eq!((icmp[0], icmp[1]), (3, 4));
+        assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1450);
+        assert_eq!(&f.data()[ETH_LEN + 16..ETH_LEN + 20], &ip("10.65.0.2").octets());
+        // Over IPIP the same packet fits (1480).
+        let mut p2 = pkt.clone();
+        p2[ETH_LEN + 16..ETH_LEN + 20].copy_from_slice(&ip("10.65.2.5").octets());
+        p2[ETH_LEN + 10..ETH_LEN + 12].fill(0);
+        let c = csum::checksum(&p2[ETH_LEN..ETH_LEN + 20]);
+        p2[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&c.to_be_bytes());
+        assert_eq!(run(&t, A, &p2).0, Verdict::Tx(IPIP));
+        // Without DF it goes out (the kernel fragments the outer packet).
+        let df_clear = with_df(udp(MAC_A, GW, "10.65.0.2", "10.65.1.5", 64, &[0u8; 1440]), false);
+        assert_eq!(run(&t, A, &df_clear).0, Verdict::Tx(VX));
+    }
+
+    #[test]
+    fn gso_frame_whose_segments_exceed_the_tunnel_gets_frag_needed() {
+        let t = tables();
+        let b = PacketBuilder::ethernet2(MAC_A.0, GW.0)
+            .ipv4(ip("10.65.0.2").octets(), ip("10.65.1.5").octets(), 64)
+            .tcp(40000, 80, 1, 1000)
+            .ack(1);
+        let mut pkt = Vec::new();
+        b.write(&mut pkt, &[7u8; 6000]).unwrap();
+        let mut f = Frame::from_bytes(&pkt);
+        f.vnet.flags = crate::wire::vnet::F_NEEDS_CSUM;
+        f.vnet.gso_type = crate::wire::GsoType::TcpV4;
+        f.vnet.csum_start = 34;
+        f.vnet.csum_offset = 16;
+        f.vnet.gso_size = 1448; // 1448 + 40 > 1450
+        let mut frames = vec![f];
+        let mut v = Vec::new();
+        process(&t, A, &mut frames, &mut v, &mut DropTally::default());
+        assert_eq!(v[0], Verdict::Reply(A, DropReason::TooBig));
+        let mut f = Frame::from_bytes(&pkt);
+        f.vnet.flags = crate::wire::vnet::F_NEEDS_CSUM;
+        f.vnet.gso_type = crate::wire::GsoType::TcpV4;
+        f.vnet.csum_start = 34;
+        f.vnet.csum_offset = 16;
+        f.vnet.gso_size = 1410;
+        let mut frames = vec![f];
+        process(&t, A, &mut frames, &mut v, &mut DropTally::default());
+        assert_eq!(v[0], Verdict::Tx(VX));
+    }
+
+    #[test]
+    fn vxlan_from_a_known_node_to_a_local_pod_is_delivered() {
+        let t = tables();
+        let inner = udp(PEER_VTEP, OUR_VTEP, "10.65.1.5", "10.65.0.3", 64, b"yo");
+        let (v, f) = run_meta(&t, VX, &vxlan_payload(4096, &inner), Some(peer()));
+        assert_eq!(v, Verdict::Tx(B));
+        assert_eq!(&f.data()[0..6], &MAC_B.0);
+        assert_eq!(&f.data()[6..12], &GW.0);
+        assert_eq!(f.data().len(), inner.len());
+        assert_eq!(f.data()[ETH_LEN + 8], 63);
+    }
+
+    #[test]
+    fn ipip_from_a_known_node_to_a_local_pod_is_delivered() {
+        let t = tables();
+        let inner = udp(PEER_VTEP, OUR_VTEP, "10.65.2.5", "10.65.0.3", 64, b"yo");
+        let pkt = ipip_packet("192.0.2.12", "192.0.2.11", &inner, 4);
+        let (v, f) = run_meta(&t, IPIP, &pkt, Some(peer()));
+        assert_eq!(v, Verdict::Tx(B));
+        assert_eq!(f.data().len(), inner.len());
+        assert_eq!(&f.data()[ETH_LEN + 12..], &inner[ETH_LEN + 12..], "addresses and payload");
+    }
+
+    #[test]
+    fn forged_or_broken_tunnel_packets_are_dropped_and_counted() {
+        let t = tables();
+        let good = udp(PEER_VTEP, OUR_VTEP, "10.65.1.5", "10.65.0.3", 64, b"yo");
+        type Case = (&'static str, PortId, Vec<u8>, Option<Ipv4Addr>, DropReason);
+        let cases: Vec<Case> = vec![
+            ("wrong VNI", VX, vxlan_payload(77, &good), Some(peer()), DropReason::TunnelWrongVni),
+            (
+                "unknown source",
+                VX,
+                vxlan_payload(4096, &good),
+                Some(ip("192.0.2.99")),
+                DropReason::TunnelUnknownPeer,
+            ),
+            ("no source", VX, vxlan_payload(4096, &good), None, DropReason::TunnelUnknownPeer),
+            ("truncated header", VX, vec![0x08, 0, 0], Some(peer()), DropReason::TunnelMalformed),
+            (
+                "I flag clear",
+                VX,
+                {
+                    let mut p = vxlan_payload(4096, &good);
+                    p[0] = 0;
+                    p
+                },
+                Some(peer()),
+                DropReason::TunnelMalformed,
+            ),
+            (
+                "truncated inner",
+                VX,
+                vxlan_payload(4096, &good[..10]),
+                Some(peer()),
+                DropReason::TunnelMalformed,
+            ),
+            (
+                "inner not for our VTEP",
+                VX,
+                vxlan_payload(4096, &udp(PEER_VTEP, MAC_B, "10.65.1.5", "10.65.0.3", 64, b"x")),
+                Some(peer()),
+                DropReason::NotForUs,
+            ),
+            (
+                "inner for another node (relay)",
+                VX,
+                vxlan_payload(4096, &udp(PEER_VTEP, OUR_VTEP, "10.65.1.5", "10.65.2.9", 64, b"")),
+                Some(peer()),
+                DropReason::TunnelNotLocal,
+            ),
+            (
+                "inner for the outside world (relay)",
+                VX,
+                vxlan_payload(4096, &udp(PEER_VTEP, OUR_VTEP, "10.65.1.5", "8.8.8.8", 64, b"")),
+                Some(peer()),
+                DropReason::TunnelNotLocal,
+            ),
+            (
+                "IPIP with another protocol",
+                IPIP,
+                ipip_packet("192.0.2.12", "192.0.2.11", &good, 17),
+                Some(peer()),
+                DropReason::TunnelMalformed,
+            ),
+            (
+                "IPIP from an unknown node",
+                IPIP,
+                ipip_packet("192.0.2.99", "192.0.2.11", &good, 4),
+                Some(ip("192.0.2.99")),
+                DropReason::TunnelUnknownPeer,
+            ),
+            ("IPIP truncated", IPIP, vec![0x45, 0, 0], Some(peer()), DropReason::TunnelMalformed),
+        ];
+        for (what, port, bytes, from, want) in cases {
+            let mut f = Frame::from_bytes(&bytes);
+            f.meta.peer = from;
+            let mut frames = vec![f];
+            let mut v = Vec::new();
+            let mut tally = DropTally::default();
+            process(&t, port, &mut frames, &mut v, &mut tally);
+            assert_eq!(v[0], Verdict::Drop(want), "{what}");
+            let c = crate::counters::DropCounters::default();
+            tally.flush(&[&c]);
+            assert_eq!(c.get(want), 1, "{what} counted");
+        }
+    }
+
+    #[test]
+    fn tunnel_frames_of_random_bytes_never_panic() {
+        let t = tables();
+        let mut x: u32 = 12345;
+        for len in 0..300 {
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect();
+            for port in [VX, IPIP] {
+                let (v, _) = run_meta(&t, port, &bytes, Some(peer()));
+                assert!(matches!(v, Verdict::Drop(_)), "{len} bytes on {port}: {v:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn flow_owner_is_the_same_inside_and_outside_the_tunnel() {
+        let ab = udp(MAC_A, GW, "10.65.0.2", "10.65.1.5", 64, b"x");
+        let ba = udp(PEER_VTEP, OUR_VTEP, "10.65.1.5", "10.65.0.2", 64, b"x");
+        let vx = vxlan_payload(4096, &ba);
+        let ip = ipip_packet("192.0.2.12", "192.0.2.11", &ba, 4);
+        let h = flow::frame_hash(&ab, &PortKind::Pod);
+        assert_eq!(h, flow::frame_hash(&vx, &PortKind::Tunnel(Encap::Vxlan)));
+        assert_eq!(h, flow::frame_hash(&ip, &PortKind::Tunnel(Encap::Ipip)));
+    }
 }

@@ -6,6 +6,7 @@
 
 pub mod memory;
 pub mod tap;
+pub mod tunnel;
 
 use crate::frame::Frame;
 use std::io;

@@ -112,6 +112,41 @@ pub fn link(netns: Option<&Path>, name: &str) -> io::Result<Option<LinkInfo>> {
     with_handle(netns, move |h| async move { get_link(&h, &name).await })
 }
 
+/// The interface that holds `addr`, with the address's prefix length.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddrOwner {
+    pub link: LinkInfo,
+    pub prefix: u8,
+}
+
+/// Find the interface holding `addr` in the namespace at `netns` (the
+/// uplink, given the node's underlay address).
+pub fn owner_of(netns: Option<&Path>, addr: IpAddr) -> io::Result<Option<AddrOwner>> {
+    with_handle(netns, move |h| async move {
+        use rtnetlink::packet_route::address::AddressAttribute;
+        let mut s = h.address().get().execute();
+        let mut found = None;
+        while let Some(m) = s.try_next().await.map_err(|e| nl_err("list addresses", e))? {
+            let has = m.attributes.iter().any(|a| match a {
+                AddressAttribute::Address(a) | AddressAttribute::Local(a) => *a == addr,
+                _ => false,
+            });
+            if has {
+                found = Some((m.header.index, m.header.prefix_len));
+                break;
+            }
+        }
+        drop(s);
+        let Some((index, prefix)) = found else { return Ok(None) };
+        let mut s = h.link().get().match_index(index).execute();
+        match s.try_next().await {
+            Ok(Some(m)) => Ok(Some(AddrOwner { link: link_info(&m), prefix })),
+            Ok(None) => Ok(None),
+            Err(e) => Err(nl_err(format!("get link {index}"), e)),
+        }
+    })
+}
+
 fn with_handle<T, F, Fut>(netns: Option<&Path>, f: F) -> io::Result<T>
 where
     T: Send + 'static,

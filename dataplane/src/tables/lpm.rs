@@ -132,6 +132,14 @@ impl<V: Clone> DualLpm<V> {
         }
     }
 
+    /// The route for exactly this prefix.
+    pub fn get_exact(&self, addr: IpAddr, len: u8) -> Option<&V> {
+        match addr {
+            IpAddr::V4(a) => self.v4.get_exact(u32::from(a), len),
+            IpAddr::V6(a) => self.v6.get_exact(u128::from(a), len),
+        }
+    }
+
     pub fn lookup(&self, addr: IpAddr) -> Option<&V> {
         match addr {
             IpAddr::V4(a) => self.v4.lookup(u32::from(a)),

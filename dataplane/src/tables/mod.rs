@@ -9,7 +9,7 @@ use crate::counters::PortStats;
 use crate::port::{PortId, TxPort};
 use crate::wire::MacAddr;
 use arc_swap::ArcSwap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 pub use lpm::{DualLpm, Lpm};
@@ -22,6 +22,57 @@ pub enum PortKind {
     Pod,
     /// The host interface (`ocelot0`) into the node's own network stack.
     Host,
+    /// The underlay, as a tunnel: frames in and out are the tunnel's
+    /// payload, with the peer node's address in [`crate::frame::Meta`].
+    Tunnel(Encap),
+}
+
+/// How traffic to another node's pods travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Encap {
+    /// VXLAN (RFC 7348) over UDP.
+    Vxlan,
+    /// IP in IP (protocol 4).
+    Ipip,
+    /// No encapsulation: the node's kernel routes it to the peer over the
+    /// shared L2 segment.
+    Native,
+}
+
+/// Another node, as the workers see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteNode {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub vtep_mac: MacAddr,
+}
+
+/// This node's side of the overlay.
+#[derive(Clone, Debug, Default)]
+pub struct Overlay {
+    pub local_ip: Option<Ipv4Addr>,
+    pub vtep_mac: MacAddr,
+    pub vni: u32,
+    pub vxlan_port: Option<PortId>,
+    pub ipip_port: Option<PortId>,
+    /// Largest inner IP packet each encapsulation carries without
+    /// fragmenting: the uplink MTU minus the outer headers.
+    pub vxlan_mtu: u16,
+    pub ipip_mtu: u16,
+    /// Known nodes; [`NextHop::Remote`] indexes this list.
+    pub nodes: Vec<RemoteNode>,
+    /// Node index by underlay address: decapsulated traffic is accepted
+    /// from these sources only.
+    pub by_ip: rustc_hash::FxHashMap<Ipv4Addr, u16>,
+}
+
+impl Overlay {
+    /// The known node at underlay address `ip`.
+    #[inline]
+    pub fn node_at(&self, ip: Ipv4Addr) -> Option<&RemoteNode> {
+        self.by_ip.get(&ip).and_then(|i| self.nodes.get(usize::from(*i)))
+    }
 }
 
 /// One port as the workers see it.
@@ -63,6 +114,19 @@ pub enum NextHop {
     /// A prefix we own but have no endpoint for: drop (`no_route`) rather
     /// than bounce it back to the host, which routes it to us again.
     Unreachable,
+    /// Pods of another node ([`Overlay::nodes`] index), reached this way.
+    Remote { node: u16, encap: Encap },
+}
+
+/// The result of a route lookup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hop {
+    /// Out of a local port.
+    Local(PortId),
+    /// To another node.
+    Remote { node: u16, encap: Encap },
+    /// Nowhere.
+    None,
 }
 
 /// One immutable version of the forwarding state.
@@ -77,6 +141,7 @@ pub struct Tables {
     pub routes: DualLpm<NextHop>,
     /// Where traffic for destinations we do not own goes.
     pub host_port: Option<PortId>,
+    pub overlay: Overlay,
 }
 
 impl Tables {
@@ -87,6 +152,7 @@ impl Tables {
             ports: Vec::new(),
             routes: DualLpm::default(),
             host_port: None,
+            overlay: Overlay::default(),
         }
     }
 
@@ -97,11 +163,12 @@ impl Tables {
 
     /// The next hop for `dst`: the longest matching route, else the host.
     #[inline]
-    pub fn route(&self, dst: IpAddr) -> Option<PortId> {
+    pub fn route(&self, dst: IpAddr) -> Hop {
         match self.routes.lookup(dst) {
-            Some(NextHop::Port(p)) => Some(*p),
-            Some(NextHop::Unreachable) => None,
-            None => self.host_port,
+            Some(NextHop::Port(p)) => Hop::Local(*p),
+            Some(NextHop::Unreachable) => Hop::None,
+            Some(NextHop::Remote { node, encap }) => Hop::Remote { node: *node, encap: *encap },
+            None => self.host_port.map_or(Hop::None, Hop::Local),
         }
     }
 
@@ -133,6 +200,12 @@ impl Tables {
         }
         if self.host_port == Some(id) {
             self.host_port = None;
+        }
+        if self.overlay.vxlan_port == Some(id) {
+            self.overlay.vxlan_port = None;
+        }
+        if self.overlay.ipip_port == Some(id) {
+            self.overlay.ipip_port = None;
         }
         while matches!(self.ports.last(), Some(None)) {
             self.ports.pop();

@@ -15,6 +15,8 @@ use crate::tables::{NextHop, PortEntry, PortKind, SharedTables, Tables};
 use crate::wire::MacAddr;
 use crate::worker::{self, Command, WorkerConfig, WorkerHandle};
 use std::collections::BTreeMap;
+
+mod overlay;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -46,6 +48,7 @@ struct HostPort {
 
 pub struct Engine {
     cfg: EngineConfig,
+    overlay: overlay::State,
     tables: Arc<SharedTables>,
     workers: Vec<WorkerHandle>,
     endpoints: BTreeMap<String, Endpoint>,
@@ -85,6 +88,7 @@ impl Engine {
         let tables = Arc::new(SharedTables::new(Tables::new(cfg.gateway_mac)));
         let workers = worker::spawn_all(&cfg.workers, tables.clone())?;
         let mut e = Engine {
+            overlay: overlay::State::default(),
             pools: Vec::new(),
             cfg,
             tables,
@@ -109,6 +113,11 @@ impl Engine {
             match e.add_endpoint(spec) {
                 Ok(st) => tracing::info!(endpoint = %name, port = st.port, "endpoint restored"),
                 Err(err) => tracing::error!(endpoint = %name, "cannot restore endpoint: {err}"),
+            }
+        }
+        if let Some(o) = saved.overlay {
+            if let Err(err) = e.set_overlay(o) {
+                tracing::error!("cannot restore the overlay: {err}");
             }
         }
         e.persist();
@@ -374,6 +383,7 @@ impl Engine {
             endpoints: self.endpoints.values().map(|e| self.status(e)).collect(),
             pools: self.pools.clone(),
             host_iface: self.host.as_ref().map(|h| h.name.clone()),
+            overlay: self.overlay.status.clone(),
         }
     }
 
@@ -419,6 +429,7 @@ impl Engine {
             format: 0,
             endpoints: self.endpoints.values().map(|e| e.spec.clone()).collect(),
             pools: self.pools.clone(),
+            overlay: self.overlay.status.as_ref().map(|s| s.spec.clone()),
         };
         if let Err(e) = self.state.save(&s) {
             tracing::error!(dir = %self.state.path().display(), "cannot save state: {e}");
