@@ -5,10 +5,10 @@
 use crate::lab::names;
 use crate::lab::state::{LabLock, LabState, PodPhase, Resource, FORMAT, STATE_FILE};
 use crate::lab::sys::{self, ProcRef};
+use crate::lab::underlay;
 use crate::model::{Namespace, Node, Object, ObjectMeta, Pod};
 use anyhow::{anyhow, bail, Context};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -26,7 +26,10 @@ pub struct UpOptions {
     /// The conflist template (the shipped one when `None`).
     pub conflist: Option<PathBuf>,
     pub mtu: u32,
+    /// Underlay subnet 0 (bridge `ocl-br0`).
     pub fabric_cidr: String,
+    /// Underlay subnets 1, 2, ... (see `underlay.rs`).
+    pub subnet_cidrs: Vec<String>,
     /// How long nodes may take to open their sockets.
     pub ready_timeout: Duration,
 }
@@ -35,25 +38,6 @@ pub struct UpOptions {
 pub struct Lab {
     pub state: LabState,
     _lock: LabLock,
-}
-
-/// The fabric subnet: base address and prefix length.
-pub fn parse_cidr(s: &str) -> anyhow::Result<(Ipv4Addr, u8)> {
-    let (a, p) = s.split_once('/').ok_or_else(|| anyhow!("{s:?} is not an IPv4 CIDR"))?;
-    let a: Ipv4Addr = a.parse().map_err(|_| anyhow!("{s:?} is not an IPv4 CIDR"))?;
-    let p: u8 = p.parse().ok().filter(|p| *p <= 30).ok_or_else(|| anyhow!("{s:?}: prefix 0-30"))?;
-    let mask = if p == 0 { 0 } else { u32::MAX << (32 - p) };
-    Ok((Ipv4Addr::from(u32::from(a) & mask), p))
-}
-
-/// Node `index`'s fabric address: `.10 + index` in the subnet.
-pub fn fabric_ip(cidr: &str, index: u32) -> anyhow::Result<(Ipv4Addr, u8)> {
-    let (base, p) = parse_cidr(cidr)?;
-    let host = 10 + u64::from(index);
-    if host >= (1u64 << (32 - p)) - 1 {
-        bail!("fabric {cidr} has no room for node number {index}");
-    }
-    Ok((Ipv4Addr::from(u32::from(base) + host as u32), p))
 }
 
 /// Split the objects of a file into kinds, in the order they are applied.
@@ -172,7 +156,13 @@ impl Lab {
         if objs.nodes.is_empty() {
             bail!("the file declares no Node: a lab needs at least one");
         }
-        parse_cidr(&opts.fabric_cidr)?;
+        underlay::check_subnets(&opts.fabric_cidr, &opts.subnet_cidrs)?;
+        underlay::check_nodes(
+            &opts.fabric_cidr,
+            &opts.subnet_cidrs,
+            &BTreeMap::new(),
+            &objs.nodes,
+        )?;
         let template = match &opts.conflist {
             Some(p) => {
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
@@ -199,6 +189,7 @@ impl Lab {
             bin_dir: opts.bin_dir.clone(),
             cni_plugin_dir: opts.cni_plugin_dir.clone(),
             fabric_cidr: opts.fabric_cidr.clone(),
+            subnet_cidrs: opts.subnet_cidrs.clone(),
             mtu: opts.mtu,
             conflist,
             created: Vec::new(),
@@ -244,14 +235,15 @@ impl Lab {
         Ok(())
     }
 
+    /// The fabric namespace, a router between the underlay subnets, with
+    /// subnet 0's bridge; other subnets' bridges come with their first node.
     fn create_fabric(&mut self) -> anyhow::Result<()> {
         let ns = names::fabric_netns(&self.state.name);
-        progress!("fabric: namespace {ns}, bridge {}", names::BRIDGE);
+        progress!("fabric: namespace {ns}, routing between the underlay subnets");
         self.state.record(Resource::Netns { name: ns.clone() })?;
         sys::netns_add(&ns)?;
-        self.state.record(Resource::Link { netns: ns.clone(), name: names::BRIDGE.into() })?;
-        sys::ip(&["-n", &ns, "link", "add", names::BRIDGE, "type", "bridge"])?;
-        sys::ip(&["-n", &ns, "link", "set", names::BRIDGE, "up"])?;
+        sys::sysctl_in(&names::netns_path(&ns), "net.ipv4.ip_forward", "1")?;
+        self.ensure_subnet(0)?;
         Ok(())
     }
 
@@ -289,7 +281,13 @@ impl Lab {
     /// built and started), then pods (new ones attached). Pod failures do
     /// not stop the others; they are reported together at the end.
     pub fn apply_objects(&mut self, objs: Objects, ready_timeout: Duration) -> anyhow::Result<()> {
-        // Check pods' nodes before changing anything.
+        // Check nodes' subnets and pods' nodes before changing anything.
+        underlay::check_nodes(
+            &self.state.fabric_cidr,
+            &self.state.subnet_cidrs,
+            &self.state.nodes,
+            &objs.nodes,
+        )?;
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
         for n in self
             .state
@@ -554,17 +552,6 @@ pub fn stop_all(procs: &[ProcRef], grace: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fabric_addresses() {
-        assert_eq!(parse_cidr("192.0.2.7/24").unwrap(), (Ipv4Addr::new(192, 0, 2, 0), 24));
-        assert_eq!(fabric_ip("192.0.2.0/24", 1).unwrap(), (Ipv4Addr::new(192, 0, 2, 11), 24));
-        assert_eq!(fabric_ip("198.18.0.0/15", 300).unwrap().0, Ipv4Addr::new(198, 18, 1, 54));
-        assert!(fabric_ip("192.0.2.0/28", 5).is_err());
-        assert!(parse_cidr("192.0.2.0").is_err());
-        assert!(parse_cidr("192.0.2.0/31").is_err());
-        assert!(parse_cidr("fd00::/64").is_err());
-    }
 
     #[test]
     fn objects_split_and_checked() {

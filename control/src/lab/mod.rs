@@ -1,7 +1,8 @@
 //! `ocelot lab`: a cluster without Kubernetes, on one machine.
 //!
 //! Each Node is a network namespace running `ocelot-dataplane` and
-//! `ocelot agent`, joined to a fabric namespace (a bridge) by a veth; each
+//! `ocelot agent`, joined to a fabric namespace (a bridge per underlay
+//! subnet, and a router between them, see `underlay.rs`) by a veth; each
 //! Pod is a network namespace attached by the real CNI chain (the
 //! `ocelot-cni` plugin, then portmap and bandwidth), executed the way
 //! containerd executes it, from the node's namespace; in each pod a small
@@ -10,7 +11,9 @@
 //!
 //! ```text
 //!  fabric netns: bridge ocl-br0 ── ocl-n1 ═veth═ ocl-fab (192.0.2.11) node-1 netns
-//!                               └─ ocl-n2 ═veth═ ocl-fab (192.0.2.12) node-2 netns
+//!   (routes      (192.0.2.1)    └─ ocl-n2 ═veth═ ocl-fab (192.0.2.12) node-2 netns
+//!   between      bridge ocl-br1 ── ocl-n3 ═veth═ ocl-fab (198.51.100.13) node-3 netns
+//!   subnets)     (198.51.100.1)     (a Node annotated lab.ocelot.dev/subnet: "1")
 //!  node netns: ocelot-dataplane (dp.sock), ocelot agent (cni.sock), runs the CNI plugins
 //!  pod netns:  eth0 (a TAP of the node's dataplane), `ocelot lab serve`
 //! ```
@@ -30,6 +33,7 @@ pub mod sctp;
 pub mod serve;
 pub mod state;
 pub mod sys;
+pub mod underlay;
 
 use anyhow::{bail, Context};
 use clap::ValueEnum;
@@ -71,9 +75,15 @@ pub struct UpArgs {
     /// MTU written into each node's conflist for the pods' interfaces.
     #[arg(long, default_value_t = 1500)]
     pub mtu: u32,
-    /// Subnet of the fabric joining the nodes (nodes get .11, .12, ...).
+    /// Subnet of the fabric joining the nodes (nodes get .11, .12, ...):
+    /// underlay subnet 0, bridge ocl-br0, router at .1.
     #[arg(long, default_value = "192.0.2.0/24")]
     pub fabric_cidr: String,
+    /// Underlay subnets 1, 2, ..., for Nodes annotated
+    /// `lab.ocelot.dev/subnet: "<k>"`; the fabric routes between all subnets
+    /// (each bridge holds its subnet's .1, every node's default route).
+    #[arg(long, value_delimiter = ',', default_value = underlay::DEFAULT_SUBNET_CIDRS)]
+    pub subnet_cidrs: Vec<String>,
     /// Seconds to wait for every node's dataplane and agent sockets.
     #[arg(long, default_value_t = 30)]
     pub ready_timeout: u64,
@@ -228,6 +238,7 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
         conflist: a.conflist,
         mtu: a.mtu,
         fabric_cidr: a.fabric_cidr,
+        subnet_cidrs: a.subnet_cidrs,
         ready_timeout: Duration::from_secs(a.ready_timeout),
     };
     let lab = Lab::up(&a.lab.run_dir, &a.lab.name, &opts, objs)?;
@@ -277,10 +288,11 @@ pub fn pods_table(s: &state::LabState, wide: bool) -> String {
 }
 
 fn nodes_table(s: &state::LabState, wide: bool) -> String {
-    let mut rows: Vec<Vec<String>> = vec![["NAME", "INTERNAL-IP", "DATAPLANE", "AGENT", "PODS"]
-        .into_iter()
-        .map(String::from)
-        .collect()];
+    let mut rows: Vec<Vec<String>> =
+        vec![["NAME", "INTERNAL-IP", "SUBNET", "DATAPLANE", "AGENT", "PODS"]
+            .into_iter()
+            .map(String::from)
+            .collect()];
     if wide {
         rows[0].push("NETNS".into());
         rows[0].push("DIR".into());
@@ -295,6 +307,7 @@ fn nodes_table(s: &state::LabState, wide: bool) -> String {
         let mut r = vec![
             n.name.clone(),
             n.fabric_ip.clone(),
+            format!("{} ({})", n.subnet, subnet_cidr(n)),
             status(&n.dataplane),
             status(&n.agent),
             pods.to_string(),
@@ -306,6 +319,14 @@ fn nodes_table(s: &state::LabState, wide: bool) -> String {
         rows.push(r);
     }
     table(&rows)
+}
+
+/// The network of a node's subnet, from its address and prefix.
+fn subnet_cidr(n: &state::NodeState) -> String {
+    match underlay::parse_cidr(&n.underlay_cidr()) {
+        Ok((base, prefix)) => format!("{base}/{prefix}"),
+        Err(_) => "?".into(),
+    }
 }
 
 /// Left-aligned columns separated by three spaces, like kubectl.
@@ -351,6 +372,8 @@ fn get(a: GetArgs) -> anyhow::Result<()> {
                 .map(|n| {
                     serde_json::json!({
                         "name": n.name, "internalIP": n.fabric_ip, "netns": names::netns_path(&n.netns),
+                        "subnet": n.subnet, "subnetCIDR": subnet_cidr(n),
+                        "underlayCIDR": n.underlay_cidr(),
                         "dataplaneSocket": n.dataplane_socket(), "cniSocket": n.cni_socket(),
                         "dataplane": n.dataplane, "agent": n.agent, "dir": n.dir,
                     })
@@ -539,5 +562,12 @@ mod tests {
         .unwrap();
         let LabCmd::Serve(s) = t.cmd else { panic!() };
         assert_eq!(s.ports, [(80, Protocol::Tcp), (81, Protocol::Udp)]);
+        let t = T::try_parse_from(["lab", "up", "-f", "x.yaml"]).unwrap();
+        let LabCmd::Up(u) = t.cmd else { panic!() };
+        assert_eq!(u.subnet_cidrs, ["198.51.100.0/24", "203.0.113.0/24"]);
+        let t =
+            T::try_parse_from(["lab", "up", "-f", "x", "--subnet-cidrs", "10.9.0.0/24"]).unwrap();
+        let LabCmd::Up(u) = t.cmd else { panic!() };
+        assert_eq!(u.subnet_cidrs, ["10.9.0.0/24"]);
     }
 }

@@ -10,8 +10,6 @@ use std::path::PathBuf;
 
 /// Where `ip netns add` puts its bind mounts.
 pub const NETNS_DIR: &str = "/run/netns";
-/// The bridge in the fabric namespace.
-pub const BRIDGE: &str = "ocl-br0";
 /// A node's end of its fabric link (inside the node's namespace).
 pub const NODE_UPLINK: &str = "ocl-fab";
 /// The pod interface, as kubelet asks for it.
@@ -68,6 +66,12 @@ pub fn pod_netns(lab: &str, namespace: &str, pod: &str) -> String {
 
 pub fn netns_path(name: &str) -> PathBuf {
     PathBuf::from(NETNS_DIR).join(name)
+}
+
+/// The bridge of underlay subnet `k` in the fabric namespace (`ocl-br0` is
+/// the fabric CIDR's).
+pub fn bridge(k: u32) -> String {
+    format!("ocl-br{k}")
 }
 
 /// The fabric bridge's port for node number `index`.
@@ -152,7 +156,8 @@ mod tests {
         assert_eq!(pod_netns("default", "x", "a"), "ocl-default-pod-x.a");
         assert_eq!(fabric_netns("e2e"), "ocl-e2e-fabric");
         assert_eq!(netns_path("n").to_str(), Some("/run/netns/n"));
-        for name in [BRIDGE, NODE_UPLINK, POD_IFNAME, &bridge_port(99_999)] {
+        assert_eq!(bridge(0), "ocl-br0");
+        for name in [&bridge(999_999), NODE_UPLINK, POD_IFNAME, &bridge_port(99_999)] {
             assert!(name.len() <= MAX_IFNAME, "{name}");
         }
     }

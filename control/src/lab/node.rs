@@ -1,11 +1,13 @@
-//! Lab nodes: a network namespace joined to the fabric bridge by a veth,
-//! running `ocelot-dataplane` and `ocelot agent`.
+//! Lab nodes: a network namespace joined to its subnet's bridge in the
+//! fabric by a veth, routed through the fabric, running `ocelot-dataplane`
+//! and `ocelot agent`.
 
-use crate::lab::cluster::{fabric_ip, progress, stop_all, Lab};
+use crate::lab::cluster::{progress, stop_all, Lab};
 use crate::lab::names;
 use crate::lab::state::{NodeState, Resource};
 use crate::lab::sys::{self, ProcRef};
-use crate::model::{Node, NodeAddress, Object};
+use crate::lab::underlay;
+use crate::model::{Node, Object};
 use anyhow::{bail, Context};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -22,20 +24,17 @@ struct Started {
 }
 
 impl Lab {
-    /// Write a node's object with its fabric address as `InternalIP`.
-    pub fn write_node(&self, mut n: Node) -> anyhow::Result<()> {
+    /// Write a node's object with its address as `InternalIP` and as
+    /// `ocelot.dev/underlay-cidr` (with its subnet's prefix).
+    pub fn write_node(&self, n: Node) -> anyhow::Result<()> {
         let st = &self.state.nodes[&n.metadata.name];
-        n.status.addresses.retain(|a| a.kind != "InternalIP");
-        n.status
-            .addresses
-            .insert(0, NodeAddress { kind: "InternalIP".into(), address: st.fabric_ip.clone() });
-        self.write_object(&Object::Node(n))
+        self.write_object(&Object::Node(underlay::node_object(n, st)))
     }
 
     /// Build, start and wait for new nodes.
     pub fn add_nodes(&mut self, nodes: Vec<Node>, ready_timeout: Duration) -> anyhow::Result<()> {
         for n in &nodes {
-            self.create_node(&n.metadata.name)?;
+            self.create_node(&n.metadata.name, underlay::node_subnet(n)?)?;
             self.write_node(n.clone())?;
         }
         let mut started = Vec::new();
@@ -50,18 +49,21 @@ impl Lab {
         wait_ready(started, ready_timeout, &self.state.name)
     }
 
-    /// The namespace, its fabric link and address, its directories and
-    /// conflist.
-    fn create_node(&mut self, name: &str) -> anyhow::Result<()> {
+    /// The namespace, its link to its subnet's bridge, its address and
+    /// default route (via the fabric router), its directories and conflist.
+    fn create_node(&mut self, name: &str, subnet: u32) -> anyhow::Result<()> {
         let lab = self.state.name.clone();
         let index = self.state.free_node_index();
-        let (ip, prefix) = fabric_ip(&self.state.fabric_cidr, index)?;
+        let sn = self.ensure_subnet(subnet)?;
+        let ip = sn.node_address(index).with_context(|| format!("node {name}"))?;
+        let prefix = sn.prefix;
         let netns = names::node_netns(&lab, name);
         let dir = self.state.dir.join("nodes").join(name);
         let st = NodeState {
             name: name.to_string(),
             index,
             netns: netns.clone(),
+            subnet,
             fabric_ip: ip.to_string(),
             fabric_prefix: prefix,
             dir: dir.clone(),
@@ -77,7 +79,11 @@ impl Lab {
                 );
             }
         }
-        progress!("node {name}: namespace {netns}, fabric address {ip}/{prefix}");
+        progress!(
+            "node {name}: namespace {netns}, subnet {subnet}, address {ip}/{prefix}, \
+             default via {}",
+            sn.gateway()
+        );
         self.state.nodes.insert(name.to_string(), st.clone());
         self.state.record(Resource::Netns { name: netns.clone() })?;
         sys::netns_add(&netns)?;
@@ -100,7 +106,7 @@ impl Lab {
             "netns",
             &fabric,
         ])?;
-        sys::ip(&["-n", &fabric, "link", "set", &port, "master", names::BRIDGE, "up"])?;
+        sys::ip(&["-n", &fabric, "link", "set", &port, "master", &sn.bridge, "up"])?;
         sys::ip(&[
             "-n",
             &netns,
@@ -111,6 +117,9 @@ impl Lab {
             names::NODE_UPLINK,
         ])?;
         sys::ip(&["-n", &netns, "link", "set", names::NODE_UPLINK, "up"])?;
+        // Inside the node's namespace only; it goes with the namespace.
+        let gw = sn.gateway().to_string();
+        sys::ip(&["-n", &netns, "route", "add", "default", "via", &gw, "dev", names::NODE_UPLINK])?;
         std::fs::create_dir_all(dir.join("dp"))?;
         std::fs::create_dir_all(dir.join("cni"))?;
         let list = crate::lab::cni::render(&self.state.conflist, &st.cni_socket(), self.state.mtu)?;

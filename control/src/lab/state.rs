@@ -72,8 +72,13 @@ pub struct NodeState {
     /// fabric address derive from it.
     pub index: u32,
     pub netns: String,
-    /// The node's address on the fabric (its `InternalIP`).
+    /// The underlay subnet it sits on (`lab.ocelot.dev/subnet`; 0 is the
+    /// fabric CIDR).
+    #[serde(default)]
+    pub subnet: u32,
+    /// The node's address on its subnet (its `InternalIP`).
     pub fabric_ip: String,
+    /// Its subnet's prefix length.
     pub fabric_prefix: u8,
     /// `<lab dir>/nodes/<node>`.
     pub dir: PathBuf,
@@ -93,6 +98,10 @@ impl NodeState {
     /// The rendered conflist (what containerd reads from `/etc/cni/net.d`).
     pub fn conflist(&self) -> PathBuf {
         self.dir.join("cni").join("10-ocelot.conflist")
+    }
+    /// Its address with its subnet's prefix (`ocelot.dev/underlay-cidr`).
+    pub fn underlay_cidr(&self) -> String {
+        format!("{}/{}", self.fabric_ip, self.fabric_prefix)
     }
 }
 
@@ -144,8 +153,11 @@ pub struct LabState {
     pub bin_dir: PathBuf,
     /// The standard CNI plugins (portmap, bandwidth, ...).
     pub cni_plugin_dir: PathBuf,
-    /// The fabric subnet, e.g. `192.0.2.0/24`.
+    /// The fabric subnet (underlay subnet 0), e.g. `192.0.2.0/24`.
     pub fabric_cidr: String,
+    /// Underlay subnets 1, 2, ... (see `underlay.rs`).
+    #[serde(default)]
+    pub subnet_cidrs: Vec<String>,
     /// MTU written into the conflist.
     pub mtu: u32,
     /// The conflist template, parsed.
@@ -263,6 +275,7 @@ mod tests {
             bin_dir: "/bin".into(),
             cni_plugin_dir: "/usr/lib/cni".into(),
             fabric_cidr: "192.0.2.0/24".into(),
+            subnet_cidrs: vec!["198.51.100.0/24".into()],
             mtu: 1500,
             conflist: serde_json::json!({"cniVersion": "1.0.0", "name": "n", "plugins": []}),
             created: vec![],
@@ -345,6 +358,7 @@ mod tests {
                     name: name.into(),
                     index,
                     netns: String::new(),
+                    subnet: 0,
                     fabric_ip: String::new(),
                     fabric_prefix: 24,
                     dir: PathBuf::new(),

@@ -57,6 +57,15 @@ pub fn link_del(netns: &str, name: &str) -> anyhow::Result<()> {
     }
 }
 
+/// True when the link exists in a lab namespace.
+pub fn link_exists(netns: &str, name: &str) -> anyhow::Result<bool> {
+    match ip(&["-n", netns, "link", "show", "dev", name]) {
+        Ok(_) => Ok(true),
+        Err(e) if format!("{e}").contains("does not exist") => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Set a sysctl under `/proc/sys/` inside a namespace: `/proc/sys/net` shows
 /// the namespace of the thread that opens it, so a helper thread enters it.
 pub fn sysctl_in(netns: &Path, key: &str, value: &str) -> anyhow::Result<()> {
