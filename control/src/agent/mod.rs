@@ -11,6 +11,7 @@
 
 mod cni;
 mod dataplane;
+pub mod overlay;
 pub mod pools;
 
 use crate::datastore::{Cluster, Datastore, DirDatastore};
