@@ -123,6 +123,8 @@ pub fn segment(f: &Frame, out: &mut Vec<Frame>) -> Result<(), GsoError> {
         buf.extend_from_slice(hdrs);
         buf.extend_from_slice(chunk);
         s.set_data(&buf);
+        // Each segment goes where the frame was going (the tunnel peer).
+        s.meta = f.meta;
         let last = i + 1 == n;
         let seg = s.data_mut();
         let l3_len = seg.len() - lay.l3;
@@ -230,10 +232,13 @@ mod tests {
 
     #[test]
     fn tcp4_segmentation() {
-        let f = tcp_gso(10_000, 1448, false);
+        let mut f = tcp_gso(10_000, 1448, false);
+        f.meta.peer = Some([192, 0, 2, 12].into());
+        f.meta.flow_hash = 77;
         let mut out = Vec::new();
-        assert!(prepare(&mut { f }, TxCaps::NONE, &mut out).unwrap());
+        assert!(prepare(&mut f, TxCaps::NONE, &mut out).unwrap());
         check_segments(&out, 10_000, 1448);
+        assert!(out.iter().all(|s| s.meta == f.meta), "segments keep the tunnel peer");
     }
 
     #[test]

@@ -115,7 +115,9 @@ fn mtu(agent: &Agent, req: &CniRequest) -> u32 {
         .get("mtu")
         .and_then(|m| m.as_u64())
         .filter(|m| (68..=65535).contains(m))
-        .map_or(1500, |m| m as u32)
+        .map(|m| m as u32)
+        .or_else(|| agent.auto_mtu())
+        .unwrap_or(1500)
 }
 
 /// What the pod asks for, given the datastore.

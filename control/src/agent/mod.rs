@@ -18,7 +18,7 @@ use crate::datastore::{Cluster, Datastore, DirDatastore};
 use crate::ipam::store::FileStore;
 use crate::ipam::Ipam;
 use dataplane::DataplaneLink;
-use ocelot_dataplane::api::{Cidr, EndpointSpec};
+use ocelot_dataplane::api::{Cidr, EndpointSpec, OverlayStatus, Reply, Request};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -46,6 +46,17 @@ pub struct AgentArgs {
     /// How often the datastore directory is checked for changes, in ms.
     #[arg(long, default_value_t = 200)]
     pub poll_ms: u64,
+    /// VXLAN network identifier (Calico's default).
+    #[arg(long, default_value_t = 4096)]
+    pub vxlan_vni: u32,
+    /// VXLAN UDP port (the IANA port, Calico's default).
+    #[arg(long, default_value_t = 4789)]
+    pub vxlan_port: u16,
+    /// MTU of the uplink (the interface holding the node's InternalIP);
+    /// 0 = read it from the interface. Pods get it minus the overhead of
+    /// the encapsulation in use (50 VXLAN, 20 IPIP) unless --mtu is set.
+    #[arg(long, default_value_t = 0)]
+    pub uplink_mtu: u32,
 }
 
 /// Attribute keys stored with each allocation, to rebuild endpoints.
@@ -64,6 +75,11 @@ pub struct Agent {
     pub cluster: RwLock<Cluster>,
     datastore: Mutex<DirDatastore>,
     dataplane: DataplaneLink,
+    /// The overlay last applied by the dataplane (None: not yet, or the
+    /// dataplane reconnected and needs it again).
+    overlay: Mutex<Option<OverlayStatus>>,
+    /// Modification stamp of the IPAM state (other nodes' block claims).
+    ipam_stamp: Mutex<Option<(std::time::SystemTime, u64)>>,
 }
 
 impl Agent {
@@ -76,8 +92,92 @@ impl Agent {
             datastore: Mutex::new(ds),
             ipam,
             dataplane: DataplaneLink::new(args.dataplane_socket.clone()),
+            overlay: Mutex::new(None),
+            ipam_stamp: Mutex::new(None),
             args,
         })
+    }
+
+    /// True when the IPAM state changed since the last call.
+    fn ipam_changed(&self) -> bool {
+        let stamp = std::fs::metadata(self.ipam.state_file())
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len())));
+        let mut g = self.ipam_stamp.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = *g != stamp;
+        *g = stamp;
+        changed
+    }
+
+    /// Compute the overlay and hand it to the dataplane when it differs
+    /// from what the dataplane has. Errors are logged (and retried on the
+    /// next change or reconnect); the dataplane keeps its last good state.
+    pub fn sync_overlay(&self) {
+        let (cluster, local_ip) = {
+            let c = self.cluster.read().unwrap_or_else(|e| e.into_inner());
+            let ip = c.nodes.get(&self.node).and_then(overlay::node_ip);
+            (c.clone(), ip)
+        };
+        let Some(local_ip) = local_ip else {
+            tracing::debug!("no InternalIP for this node yet; no overlay");
+            return;
+        };
+        let prefix = match ocelot_dataplane::sys::netlink::owner_of(None, local_ip.into()) {
+            Ok(Some(o)) => o.prefix,
+            Ok(None) => {
+                tracing::warn!(%local_ip, "no interface holds this node's InternalIP; no overlay");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("cannot look up the uplink: {e}");
+                return;
+            }
+        };
+        let ipam = match self.ipam.load() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot read IPAM state: {e}");
+                return;
+            }
+        };
+        let settings = overlay::Settings {
+            vni: self.args.vxlan_vni,
+            vxlan_port: self.args.vxlan_port,
+            uplink_mtu: self.args.uplink_mtu,
+        };
+        let spec = match overlay::compute(&cluster, &ipam, &self.node, prefix, &settings) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("no overlay: {e}");
+                return;
+            }
+        };
+        let mut g = self.overlay.lock().unwrap_or_else(|e| e.into_inner());
+        if g.as_ref().is_some_and(|st| st.spec == spec) {
+            return;
+        }
+        match self.dataplane.call(Request::SetOverlay { overlay: spec }) {
+            Ok(Reply::Overlay { overlay, .. }) => {
+                tracing::info!(
+                    nodes = overlay.spec.nodes.len(),
+                    routes = overlay.spec.routes.len(),
+                    uplink = %overlay.uplink,
+                    mtu = overlay.uplink_mtu,
+                    "overlay applied"
+                );
+                *g = Some(overlay);
+            }
+            Ok(r) => tracing::error!("dataplane answered set_overlay with {r:?}"),
+            Err(e) => tracing::error!("dataplane refused the overlay: {e}"),
+        }
+    }
+
+    /// The MTU for a new pod when none is configured: the uplink's minus the
+    /// encapsulation overhead, once the overlay is known.
+    pub fn auto_mtu(&self) -> Option<u32> {
+        let uplink = self.overlay.lock().unwrap_or_else(|e| e.into_inner()).as_ref()?.uplink_mtu;
+        let c = self.cluster.read().unwrap_or_else(|e| e.into_inner());
+        Some(overlay::pod_mtu(uplink, c.pools.values()))
     }
 
     /// Re-read the datastore; true when something changed.
@@ -138,10 +238,17 @@ impl Agent {
             .collect()
     }
 
-    /// Connect to the dataplane if needed (with a full sync).
+    /// Connect to the dataplane if needed (with a full sync, and the
+    /// overlay).
     pub fn ensure_dataplane(&self) -> bool {
         match self.dataplane.ensure(|| (self.desired_endpoints(), self.dataplane_pools())) {
-            Ok(_) => true,
+            Ok(fresh) => {
+                if fresh {
+                    *self.overlay.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    self.sync_overlay();
+                }
+                true
+            }
             Err(e) => {
                 tracing::debug!("{e}");
                 false
@@ -183,6 +290,8 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             a.resync();
         } else if !a.dataplane.connected() {
             a.ensure_dataplane();
+        } else if a.ipam_changed() {
+            a.sync_overlay();
         }
         std::thread::sleep(Duration::from_millis(a.args.poll_ms));
     })?;

@@ -155,15 +155,21 @@ pub fn compute(
 }
 
 /// The MTU for new pods: the uplink's minus the largest overhead among the
-/// encapsulations this node's routes use (Calico's auto MTU).
-pub fn pod_mtu(uplink_mtu: u32, spec: &OverlaySpec) -> u32 {
-    let overhead = spec
-        .routes
-        .iter()
-        .map(|r| match r.encap {
-            Encap::Vxlan => 50,
-            Encap::Ipip => 20,
-            Encap::Native => 0,
+/// encapsulations the enabled pools may use (Calico's auto MTU). It does not
+/// depend on which routes exist yet: the first pod of a cluster gets the
+/// same MTU as the last.
+pub fn pod_mtu<'a>(uplink_mtu: u32, pools: impl IntoIterator<Item = &'a IpPool>) -> u32 {
+    let overhead = pools
+        .into_iter()
+        .filter(|p| !p.spec.disabled)
+        .map(|p| {
+            if p.spec.vxlan_mode != EncapMode::Never {
+                50
+            } else if p.spec.ipip_mode != EncapMode::Never {
+                20
+            } else {
+                0
+            }
         })
         .max()
         .unwrap_or(0);
@@ -317,18 +323,16 @@ metadata: {name: ghost}
     }
 
     #[test]
-    fn pod_mtu_subtracts_the_largest_overhead() {
-        let ipam = IpamState {
-            blocks: [block("10.65.1.0/26", "vx", Some("n3"), &[])].into_iter().collect(),
-        };
-        let o = compute(&cluster(), &ipam, "n1", 24, &settings()).unwrap();
-        assert_eq!(pod_mtu(1500, &o), 1450);
-        let ipam = IpamState {
-            blocks: [block("10.70.0.0/26", "ip", Some("n2"), &[])].into_iter().collect(),
-        };
-        let o = compute(&cluster(), &ipam, "n1", 24, &settings()).unwrap();
-        assert_eq!(pod_mtu(9000, &o), 8980);
-        let o = compute(&cluster(), &IpamState::default(), "n1", 24, &settings()).unwrap();
-        assert_eq!(pod_mtu(1500, &o), 1500);
+    fn pod_mtu_subtracts_the_largest_overhead_of_the_enabled_pools() {
+        let c = cluster();
+        assert_eq!(pod_mtu(1500, c.pools.values()), 1450);
+        let ipip_only = c.pools.values().filter(|p| p.metadata.name == "ip");
+        assert_eq!(pod_mtu(9000, ipip_only), 8980);
+        let mut native = c.pools["vx"].clone();
+        native.spec.vxlan_mode = EncapMode::Never;
+        assert_eq!(pod_mtu(1500, [&native]), 1500);
+        let mut off = c.pools["vx"].clone();
+        off.spec.disabled = true;
+        assert_eq!(pod_mtu(1500, [&off, &native]), 1500);
     }
 }

@@ -10,6 +10,9 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
+/// The state file inside the store's directory.
+const STATE_FILE: &str = "state.json";
+
 pub struct FileStore {
     dir: PathBuf,
 }
@@ -50,7 +53,7 @@ impl FileStore {
     }
 
     fn read(&self) -> io::Result<IpamState> {
-        let p = self.dir.join("state.json");
+        let p = self.dir.join(STATE_FILE);
         match std::fs::read(&p) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| {
                 io::Error::new(
@@ -64,11 +67,11 @@ impl FileStore {
     }
 
     fn write(&self, s: &IpamState) -> io::Result<()> {
-        let tmp = self.dir.join(format!("state.json.{}.tmp", std::process::id()));
+        let tmp = self.dir.join(format!("{STATE_FILE}.{}.tmp", std::process::id()));
         let mut f = File::create(&tmp)?;
         f.write_all(&serde_json::to_vec(s).map_err(io::Error::other)?)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, self.dir.join("state.json"))
+        std::fs::rename(&tmp, self.dir.join(STATE_FILE))
     }
 
     /// Run `f` on the state under the lock; the state is written back only
@@ -85,6 +88,11 @@ impl FileStore {
     }
 
     /// A copy of the current state.
+    /// The file holding the state (watched for other nodes' changes).
+    pub fn state_file(&self) -> PathBuf {
+        self.dir.join(STATE_FILE)
+    }
+
     pub fn load(&self) -> io::Result<IpamState> {
         let _lock = self.lock()?;
         self.read()

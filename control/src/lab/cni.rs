@@ -56,14 +56,19 @@ pub fn plugin_types(list: &Value) -> Vec<String> {
 }
 
 /// Render a node's conflist: the `ocelot` plugin gets the node's agent
-/// socket and the MTU.
+/// socket and the MTU (none when `mtu` is 0: the agent's automatic one).
 pub fn render(template: &Value, agent_socket: &Path, mtu: u32) -> anyhow::Result<Value> {
     let mut v = template.clone();
     let mut found = false;
     for p in v["plugins"].as_array_mut().into_iter().flatten() {
         if p["type"] == OCELOT_TYPE {
             p["agentSocket"] = Value::String(agent_socket.display().to_string());
-            p["mtu"] = Value::from(mtu);
+            match (mtu, p.as_object_mut()) {
+                (0, Some(o)) => {
+                    o.remove("mtu");
+                }
+                _ => p["mtu"] = Value::from(mtu),
+            }
             found = true;
         }
     }
@@ -413,6 +418,8 @@ mod tests {
         assert_eq!(r["plugins"][0]["agentSocket"], "/run/ocelot-lab/d/nodes/n1/cni.sock");
         assert_eq!(r["plugins"][0]["mtu"], 1450);
         assert!(r["plugins"][1].get("agentSocket").is_none());
+        let auto = render(&template(), Path::new("/s"), 0).unwrap();
+        assert!(auto["plugins"][0].get("mtu").is_none(), "0 leaves the MTU to the agent");
         let no_ocelot = json!({"cniVersion": "1.0.0", "name": "n", "plugins": [{"type": "x"}]});
         assert!(render(&no_ocelot, Path::new("/s"), 1500).is_err());
     }

@@ -72,8 +72,10 @@ pub struct UpArgs {
     /// Conflist template [default: the shipped manifests/cni/10-ocelot.conflist].
     #[arg(long)]
     pub conflist: Option<PathBuf>,
-    /// MTU written into each node's conflist for the pods' interfaces.
-    #[arg(long, default_value_t = 1500)]
+    /// MTU written into each node's conflist for the pods' interfaces;
+    /// 0 (the default) leaves it out, and the agent picks the uplink's MTU
+    /// minus the encapsulation overhead.
+    #[arg(long, default_value_t = 0)]
     pub mtu: u32,
     /// Subnet of the fabric joining the nodes (nodes get .11, .12, ...):
     /// underlay subnet 0, bridge ocl-br0, router at .1.

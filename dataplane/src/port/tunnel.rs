@@ -18,10 +18,11 @@
 //! 49152-65535 and picks one by the inner flow's hash: flows spread over the
 //! underlay's ECMP paths, and each flow keeps its path.
 //!
-//! Outer headers follow the kernel VXLAN device's defaults: no UDP checksum
-//! over IPv4 (RFC 7348 allows it; `SO_NO_CHECK`), DF clear (an oversized
-//! packet without DF is fragmented outside, as the kernel does; one with DF
-//! never gets here: the pipeline answers it with "fragmentation needed").
+//! The outer UDP checksum is set (the kernel computes it, offloaded where
+//! the device can; UDP GSO refuses sockets without checksums). DF is clear,
+//! as on the kernel VXLAN device by default: an oversized packet without DF
+//! is fragmented outside; one with DF never gets here, the pipeline answers
+//! it with "fragmentation needed".
 
 use super::{RxPort, TxCaps, TxError, TxOutcome, TxPort};
 use crate::frame::Frame;
@@ -31,6 +32,7 @@ use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 
 /// Datagrams per `recvmmsg`/`sendmmsg` call, at most.
@@ -214,6 +216,7 @@ pub struct VxlanTx {
     dst_port: u16,
     header: [u8; vxlan::HEADER_LEN],
     gso: bool,
+    warned: AtomicBool,
 }
 
 /// Open the VXLAN sockets: the listener on `port`, and the senders.
@@ -237,7 +240,6 @@ pub fn vxlan_port(cfg: &VxlanConfig) -> io::Result<(VxlanRx, Arc<VxlanTx>)> {
         k += 1;
         let s = socket(libc::SOCK_DGRAM, libc::IPPROTO_UDP)?;
         tune(&s)?;
-        setsockopt(&s, libc::SOL_SOCKET, libc::SO_NO_CHECK, 1)?;
         match bind(&s, SocketAddrV4::new(cfg.local_ip, port)) {
             Ok(()) => senders.push(s),
             Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => continue,
@@ -254,7 +256,13 @@ pub fn vxlan_port(cfg: &VxlanConfig) -> io::Result<(VxlanRx, Arc<VxlanTx>)> {
     let rx = Arc::new(rx);
     Ok((
         VxlanRx { sock: rx, scratch: RecvScratch::new() },
-        Arc::new(VxlanTx { senders, dst_port: cfg.port, header, gso }),
+        Arc::new(VxlanTx {
+            senders,
+            dst_port: cfg.port,
+            header,
+            gso,
+            warned: AtomicBool::new(false),
+        }),
     ))
 }
 
@@ -333,10 +341,22 @@ impl VxlanTx {
             out.bytes += bytes;
             return;
         }
-        match io::Error::last_os_error().raw_os_error() {
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
             Some(libc::EAGAIN | libc::ENOBUFS) => out.full += sel.len() as u64,
-            _ => out.failed += sel.len() as u64,
+            _ => {
+                out.failed += sel.len() as u64;
+                warn_once(&self.warned, "VXLAN send", &e);
+            }
         }
+    }
+}
+
+/// Log the first send error of a port (the rest are counted, not logged,
+/// so a broken underlay cannot flood the log).
+fn warn_once(flag: &AtomicBool, what: &str, e: &io::Error) {
+    if !flag.swap(true, Relaxed) {
+        tracing::warn!("{what} failed: {e} (further failures are counted as tx_error)");
     }
 }
 
@@ -392,6 +412,7 @@ impl TxPort for VxlanTx {
 /// IPIP: one raw socket for protocol 4, both directions.
 pub struct IpipSocket {
     sock: OwnedFd,
+    warned: AtomicBool,
 }
 
 /// The IPIP port's receive side.
@@ -406,7 +427,7 @@ pub fn ipip_port(local_ip: Ipv4Addr) -> io::Result<(IpipRx, Arc<IpipSocket>)> {
     tune(&s)?;
     bind(&s, SocketAddrV4::new(local_ip, 0))
         .map_err(|e| io::Error::new(e.kind(), format!("bind IPIP socket to {local_ip}: {e}")))?;
-    let s = Arc::new(IpipSocket { sock: s });
+    let s = Arc::new(IpipSocket { sock: s, warned: AtomicBool::new(false) });
     Ok((IpipRx { sock: s.clone(), scratch: RecvScratch::new() }, s))
 }
 
@@ -446,9 +467,13 @@ impl TxPort for IpipSocket {
         if r >= 0 {
             return Ok(());
         }
-        match io::Error::last_os_error().raw_os_error() {
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
             Some(libc::EAGAIN | libc::ENOBUFS) => Err(TxError::Full),
-            _ => Err(TxError::Failed),
+            _ => {
+                warn_once(&self.warned, "IPIP send", &e);
+                Err(TxError::Failed)
+            }
         }
     }
 }
