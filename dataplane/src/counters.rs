@@ -132,6 +132,8 @@ pub struct WorkerStats {
     pub port: PortStats,
     pub handoff_in: AtomicU64,
     pub handoff_out: AtomicU64,
+    /// Segments merged into another frame by receive coalescing (GRO).
+    pub gro_merged: AtomicU64,
 }
 
 /// A point-in-time copy of a [`PortStats`], as the API returns it.

@@ -98,82 +98,122 @@ fn layout(d: &[u8], gso: GsoType) -> Result<Layout, GsoError> {
     Ok(Layout { l3, l4, payload, v4, tcp })
 }
 
-/// Cut GSO frame `f` into complete segments appended to `out`.
-pub fn segment(f: &Frame, out: &mut Vec<Frame>) -> Result<(), GsoError> {
-    let d = f.data();
-    let lay = layout(d, f.vnet.gso_type)?;
-    let mss = usize::from(f.vnet.gso_size).max(1);
-    let payload = &d[lay.payload..];
-    let hdrs = &d[..lay.payload];
-    let n = payload.len().div_ceil(mss).max(1);
-    let ip_id = if lay.v4 { u16::from_be_bytes([d[lay.l3 + 4], d[lay.l3 + 5]]) } else { 0 };
-    let seq0 = if lay.tcp {
-        u32::from_be_bytes(d[lay.l4 + 4..lay.l4 + 8].try_into().map_err(|_| GsoError::BadHeaders)?)
-    } else {
-        0
-    };
-    let flags0 = if lay.tcp { d[lay.l4 + 13] } else { 0 };
-    for (i, chunk) in payload
-        .chunks(mss)
-        .enumerate()
-        .chain(std::iter::once((0, &payload[..0])).filter(|_| payload.is_empty()))
-    {
-        let mut s = Frame::with_capacity(hdrs.len() + chunk.len());
-        let mut buf = Vec::with_capacity(hdrs.len() + chunk.len());
-        buf.extend_from_slice(hdrs);
-        buf.extend_from_slice(chunk);
-        s.set_data(&buf);
-        // Each segment goes where the frame was going (the tunnel peer).
-        s.meta = f.meta;
-        let last = i + 1 == n;
-        let seg = s.data_mut();
-        let l3_len = seg.len() - lay.l3;
-        if lay.v4 {
-            seg[lay.l3 + 2..lay.l3 + 4].copy_from_slice(&(l3_len as u16).to_be_bytes());
-            seg[lay.l3 + 4..lay.l3 + 6]
-                .copy_from_slice(&ip_id.wrapping_add(i as u16).to_be_bytes());
-            seg[lay.l3 + 10..lay.l3 + 12].fill(0);
-            let c = csum::checksum(&seg[lay.l3..lay.l4]);
-            seg[lay.l3 + 10..lay.l3 + 12].copy_from_slice(&c.to_be_bytes());
+/// How a GSO frame splits into segments, computed once: each segment's
+/// headers are derived from the frame's (lengths, IP ID, sequence number,
+/// flags, checksums) and its payload is a slice of the frame's, so a port
+/// can send segments by scatter-gather without copying the payload.
+pub struct Plan {
+    lay: Layout,
+    mss: usize,
+    n: usize,
+    ip_id: u16,
+    seq0: u32,
+    flags0: u8,
+}
+
+impl Plan {
+    pub fn new(f: &Frame) -> Result<Plan, GsoError> {
+        let d = f.data();
+        let lay = layout(d, f.vnet.gso_type)?;
+        let mss = usize::from(f.vnet.gso_size).max(1);
+        let n = (d.len() - lay.payload).div_ceil(mss).max(1);
+        let ip_id = if lay.v4 { u16::from_be_bytes([d[lay.l3 + 4], d[lay.l3 + 5]]) } else { 0 };
+        let (seq0, flags0) = if lay.tcp {
+            let s = &d[lay.l4 + 4..lay.l4 + 8];
+            (u32::from_be_bytes([s[0], s[1], s[2], s[3]]), d[lay.l4 + 13])
         } else {
-            let pl = (seg.len() - lay.l4) as u16;
-            seg[lay.l3 + 4..lay.l3 + 6].copy_from_slice(&pl.to_be_bytes());
+            (0, 0)
+        };
+        Ok(Plan { lay, mss, n, ip_id, seq0, flags0 })
+    }
+
+    /// Number of segments.
+    pub fn count(&self) -> usize {
+        self.n
+    }
+
+    /// Length of every segment's headers (Ethernet to L4).
+    pub fn header_len(&self) -> usize {
+        self.lay.payload
+    }
+
+    /// Byte range of segment `i`'s payload in the frame.
+    pub fn payload(&self, f: &Frame, i: usize) -> std::ops::Range<usize> {
+        let start = self.lay.payload + i * self.mss;
+        start..(start + self.mss).min(f.len())
+    }
+
+    /// Write segment `i`'s headers into `hdr` (`header_len()` bytes),
+    /// checksums included.
+    pub fn headers(&self, f: &Frame, i: usize, hdr: &mut [u8]) {
+        let lay = &self.lay;
+        let d = f.data();
+        let pl = self.payload(f, i);
+        let payload = &d[pl.clone()];
+        let hdr = &mut hdr[..lay.payload];
+        hdr.copy_from_slice(&d[..lay.payload]);
+        let last = i + 1 == self.n;
+        let seg_len = lay.payload + payload.len();
+        if lay.v4 {
+            let l3_len = (seg_len - lay.l3) as u16;
+            hdr[lay.l3 + 2..lay.l3 + 4].copy_from_slice(&l3_len.to_be_bytes());
+            hdr[lay.l3 + 4..lay.l3 + 6]
+                .copy_from_slice(&self.ip_id.wrapping_add(i as u16).to_be_bytes());
+            hdr[lay.l3 + 10..lay.l3 + 12].fill(0);
+            let c = csum::checksum(&hdr[lay.l3..lay.l4]);
+            hdr[lay.l3 + 10..lay.l3 + 12].copy_from_slice(&c.to_be_bytes());
+        } else {
+            let pl = (seg_len - lay.l4) as u16;
+            hdr[lay.l3 + 4..lay.l3 + 6].copy_from_slice(&pl.to_be_bytes());
         }
-        let l4_len = seg.len() - lay.l4;
-        if lay.tcp {
-            let seq = seq0.wrapping_add((i * mss) as u32);
-            seg[lay.l4 + 4..lay.l4 + 8].copy_from_slice(&seq.to_be_bytes());
-            let mut fl = flags0;
+        let l4_len = seg_len - lay.l4;
+        let at = if lay.tcp {
+            let seq = self.seq0.wrapping_add((i * self.mss) as u32);
+            hdr[lay.l4 + 4..lay.l4 + 8].copy_from_slice(&seq.to_be_bytes());
+            let mut fl = self.flags0;
             if !last {
                 fl &= !(0x01 | 0x08); // FIN, PSH only on the last segment
             }
             if i > 0 {
                 fl &= !0x80; // CWR only on the first
             }
-            seg[lay.l4 + 13] = fl;
-            seg[lay.l4 + 16..lay.l4 + 18].fill(0);
+            hdr[lay.l4 + 13] = fl;
+            lay.l4 + 16
         } else {
-            seg[lay.l4 + 4..lay.l4 + 6].copy_from_slice(&(l4_len as u16).to_be_bytes());
-            seg[lay.l4 + 6..lay.l4 + 8].fill(0);
-        }
-        let c = l4_checksum(seg, &lay, l4_len);
-        let at = if lay.tcp { lay.l4 + 16 } else { lay.l4 + 6 };
+            hdr[lay.l4 + 4..lay.l4 + 6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+            lay.l4 + 6
+        };
+        hdr[at..at + 2].fill(0);
+        let proto: u32 = if lay.tcp { 6 } else { 17 };
+        let mut acc = if lay.v4 {
+            csum::sum(&hdr[lay.l3 + 12..lay.l3 + 20], 0)
+        } else {
+            csum::sum(&hdr[lay.l3 + 8..lay.l3 + 40], 0)
+        };
+        acc = acc.wrapping_add(proto).wrapping_add(l4_len as u32);
+        acc = csum::sum(&hdr[lay.l4..], acc);
+        // The L4 header has even length, so the payload sums on from here.
+        let c = !csum::fold(csum::sum(payload, acc));
         let c = if !lay.tcp && c == 0 { 0xffff } else { c };
-        seg[at..at + 2].copy_from_slice(&c.to_be_bytes());
+        hdr[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    }
+}
+
+/// Cut GSO frame `f` into complete segments appended to `out`.
+pub fn segment(f: &Frame, out: &mut Vec<Frame>) -> Result<(), GsoError> {
+    let plan = Plan::new(f)?;
+    let h = plan.header_len();
+    for i in 0..plan.count() {
+        let pl = plan.payload(f, i);
+        let mut s = Frame::with_capacity(h + pl.len());
+        s.resize(h + pl.len());
+        plan.headers(f, i, &mut s.data_mut()[..h]);
+        s.data_mut()[h..].copy_from_slice(&f.data()[pl]);
+        // Each segment goes where the frame was going (the tunnel peer).
+        s.meta = f.meta;
         out.push(s);
     }
     Ok(())
-}
-
-fn l4_checksum(seg: &[u8], lay: &Layout, l4_len: usize) -> u16 {
-    let proto: u32 = if lay.tcp { 6 } else { 17 };
-    let mut acc = if lay.v4 {
-        csum::sum(&seg[lay.l3 + 12..lay.l3 + 20], 0)
-    } else {
-        csum::sum(&seg[lay.l3 + 8..lay.l3 + 40], 0)
-    };
-    acc = acc.wrapping_add(proto).wrapping_add(l4_len as u32);
-    !csum::fold(csum::sum(&seg[lay.l4..], acc))
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod counters;
 pub mod csum;
 pub mod engine;
 pub mod frame;
+pub mod gro;
 pub mod gso;
 pub mod logging;
 pub mod pipeline;

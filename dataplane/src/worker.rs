@@ -11,10 +11,10 @@
 
 use crate::counters::{DropReason, DropTally, WorkerStats};
 use crate::frame::Frame;
-use crate::gso;
 use crate::pipeline::{self, flow, Verdict};
 use crate::port::{PortId, RxPort};
 use crate::tables::{SharedTables, Tables};
+use crate::{gro, gso};
 use crossbeam::channel::{Receiver, Sender};
 use crossbeam::queue::ArrayQueue;
 use mio::unix::SourceFd;
@@ -444,6 +444,12 @@ impl Worker {
                 continue;
             };
             let caps = entry.tx.caps();
+            // Segments of one flow bound for a port that takes GSO frames
+            // (a pod's TAP) leave as one frame.
+            if caps.tso4 && caps.csum && sel.len() > 1 {
+                let merged = gro::coalesce(frames, sel);
+                self.stats.gro_merged.fetch_add(merged as u64, Relaxed);
+            }
             if sel.iter().any(|&i| gso::needs_help(&frames[usize::from(i)], caps)) {
                 let mut keep = Vec::with_capacity(sel.len());
                 for &i in sel.iter() {

@@ -252,6 +252,8 @@ pub struct WorkerCounters {
     pub polls: u64,
     pub handoff_in: u64,
     pub handoff_out: u64,
+    #[serde(default)]
+    pub gro_merged: u64,
     #[serde(flatten)]
     pub counters: CounterSnapshot,
 }

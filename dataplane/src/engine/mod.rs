@@ -413,6 +413,7 @@ impl Engine {
                     polls: w.stats.polls.load(Relaxed),
                     handoff_in: w.stats.handoff_in.load(Relaxed),
                     handoff_out: w.stats.handoff_out.load(Relaxed),
+                    gro_merged: w.stats.gro_merged.load(Relaxed),
                     counters: w.stats.port.snapshot(),
                 }
             })
