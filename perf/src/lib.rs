@@ -3,11 +3,12 @@
 //! kernel, measures both with the same tools in the same run, and reports
 //! the ratios.
 //!
-//! The pieces are independent so new scenarios (cross-node VXLAN/IPIP,
-//! Services, policy) reuse them:
+//! The pieces are independent so new scenarios (Services, policy) reuse
+//! them, as `same-node` and `cross-node` do:
 //! - [`topo`]: topologies, each an RAII guard that removes everything it
 //!   created when dropped (also on panic and on Ctrl-C); each exposes a
-//!   [`topo::PodPair`] to measure between;
+//!   [`topo::PodPair`] to measure between (one node, two nodes over a
+//!   kernel overlay in [`topo::overlay`], or Ocelot's lab in [`topo::lab`]);
 //! - [`tools`]: iperf3 and sockperf runners with parsers of their output;
 //! - [`procfs`]: CPU time and memory of a process;
 //! - [`report`]: metrics, ratios, the table and the JSON document;

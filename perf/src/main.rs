@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
+use ocelot_perf::scenario::cross_node::{self, PathId};
 use ocelot_perf::scenario::{self, same_node, SuiteParams, Test};
 use ocelot_perf::{interrupt, tools};
 use std::path::PathBuf;
@@ -18,12 +19,14 @@ use std::process::ExitCode;
 Needs root (it creates network namespaces), iperf3, sockperf, iproute2 and ping
 (`apt-get install -y iperf3 sockperf iproute2 iputils-ping`), and the dataplane
 binary next to this one (`cargo build --release -p ocelot-dataplane -p ocelot-perf`)
-or in $OCELOT_BIN_DIR. Everything it creates is removed at the end, also on
+or in $OCELOT_BIN_DIR; cross-node's ocelot paths also need `ocelot` and
+`ocelot-cni` there. Everything it creates is removed at the end, also on
 failure or Ctrl-C. Progress goes to stderr; the table (or --json) to stdout.
 
 Example:
   target/release/ocelot-perf same-node
-  target/release/ocelot-perf --json same-node --duration 10 --streams 2 > same-node.json"
+  target/release/ocelot-perf --json same-node --duration 10 --streams 1,2 > same-node.json
+  target/release/ocelot-perf cross-node --paths kernel"
 )]
 struct Cli {
     /// Print the report as JSON instead of a table.
@@ -44,6 +47,14 @@ enum Cmd {
     /// loss, TCP round-trip latency p50/p99 (sockperf), and the dataplane's
     /// CPU (idle and under load) and memory.
     SameNode(SameNodeArgs),
+    /// A pod on node 1 to a pod on node 2, across an underlay: Ocelot's
+    /// overlay (`ocelot lab`, pool in vxlanMode / ipipMode Always) vs the
+    /// kernel as Calico programs it (vxlan.calico, tunl0), in one run,
+    /// ratios per encapsulation. Metrics: TCP throughput with 1 and 4
+    /// streams, UDP small-packet rate, TCP round trip p50/p99 (sockperf),
+    /// the dataplanes' CPU. A path that fails is reported
+    /// (`<path>: failed: <reason>`) and the others are measured anyway.
+    CrossNode(CrossNodeArgs),
     /// Pod attach latency: CNI ADD and DEL from exec to result, p50/p99
     /// over many pods, through ocelot-cni (agent + dataplane) and through
     /// the standard ptp + host-local plugins; IPAM allocations per second.
@@ -67,9 +78,10 @@ struct SuiteArgs {
     /// (iperf3 -O): TCP slow start, first ARP.
     #[arg(long, default_value_t = 1)]
     warmup: u32,
-    /// Parallel TCP streams (iperf3 -P).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=128))]
-    streams: u32,
+    /// Parallel TCP streams (iperf3 -P), comma-separated: one TCP run per
+    /// entry [default: 1 for same-node, 1,4 for cross-node].
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=128))]
+    streams: Option<Vec<u32>>,
     /// UDP payload size in bytes for the packet-rate test (iperf3 -l).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(16..=1472))]
     udp_len: u32,
@@ -109,12 +121,43 @@ struct SameNodeArgs {
     dp_args: String,
 }
 
+#[derive(Args)]
+struct CrossNodeArgs {
+    #[command(flatten)]
+    suite: SuiteArgs,
+    /// Paths to measure, comma-separated: ocelot-vxlan, kernel-vxlan,
+    /// ocelot-ipip, kernel-ipip, or groups of them: all, kernel, ocelot,
+    /// vxlan, ipip. Columns keep that order whatever the order given.
+    #[arg(long, default_value = "all", value_parser = parse_path_set)]
+    paths: PathSet,
+    /// IP pool: the lab's IPPool, and where the kernel paths take their
+    /// blocks (node 1 the first, node 2 the second).
+    #[arg(long, default_value = "10.65.0.0/16")]
+    pool: String,
+    /// Block size of the pool (prefix length of each node's block).
+    #[arg(long, default_value_t = 26, value_parser = clap::value_parser!(u8).range(1..=30))]
+    block_size: u8,
+    /// Underlay subnet of the kernel paths (nodes get .11 and .12, as in
+    /// the lab's default fabric).
+    #[arg(long, default_value = "192.0.2.0/24")]
+    underlay: String,
+}
+
+/// The paths of `--paths`, in column order.
+#[derive(Clone, Debug)]
+struct PathSet(Vec<PathId>);
+
+fn parse_path_set(s: &str) -> Result<PathSet, String> {
+    cross_node::parse_paths(s).map(PathSet)
+}
+
 impl SuiteArgs {
-    fn params(&self) -> SuiteParams {
+    /// The suite's parameters; `streams` when --streams is not given.
+    fn params(&self, streams: &[u32]) -> SuiteParams {
         SuiteParams {
             duration: self.duration,
             warmup: self.warmup,
-            streams: self.streams,
+            streams: self.streams.clone().unwrap_or_else(|| streams.to_vec()),
             udp_len: self.udp_len,
             idle_secs: self.idle_secs,
             tests: self.tests.clone(),
@@ -124,15 +167,15 @@ impl SuiteArgs {
     }
 }
 
-/// Root, the tools, and the dataplane binary (whose directory is handed to
-/// `ocelot-tests` through OCELOT_BIN_DIR).
-fn preflight() -> Result<()> {
+/// Root and the tools; the directory of the binaries, handed to
+/// `ocelot-tests` through OCELOT_BIN_DIR.
+fn preflight(tools_needed: &[&str]) -> Result<PathBuf> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         bail!("must run as root: it creates network namespaces, veth and TAP devices");
     }
-    tools::check_installed(&["ip", "ss", "ping", "iperf3", "sockperf"])?;
-    let dir = match std::env::var_os("OCELOT_BIN_DIR") {
+    tools::check_installed(tools_needed)?;
+    Ok(match std::env::var_os("OCELOT_BIN_DIR") {
         Some(d) => PathBuf::from(d),
         None => {
             let exe = std::env::current_exe()?;
@@ -141,7 +184,11 @@ fn preflight() -> Result<()> {
             std::env::set_var("OCELOT_BIN_DIR", &dir);
             dir
         }
-    };
+    })
+}
+
+/// The dataplane binary, which same-node and cni-add cannot do without.
+fn need_dataplane(dir: &std::path::Path) -> Result<()> {
     let dp = dir.join("ocelot-dataplane");
     if !dp.is_file() {
         bail!(
@@ -154,7 +201,15 @@ fn preflight() -> Result<()> {
 }
 
 fn run(cli: &Cli) -> Result<()> {
-    preflight()?;
+    const TOOLS: [&str; 5] = ["ip", "ss", "ping", "iperf3", "sockperf"];
+    let bin_dir = match &cli.cmd {
+        Cmd::CrossNode(_) => preflight(&[&TOOLS[..], &["bridge"]].concat())?,
+        _ => {
+            let d = preflight(&TOOLS)?;
+            need_dataplane(&d)?;
+            d
+        }
+    };
     let quiet = cli.quiet;
     let progress = move |s: &str| {
         if !quiet {
@@ -170,7 +225,17 @@ fn run(cli: &Cli) -> Result<()> {
                 server_ip: a.server_ip.clone(),
                 dp_args: a.dp_args.clone(),
             };
-            scenario::same_node::run(&a.suite.params(), &p, &progress)?
+            scenario::same_node::run(&a.suite.params(&[1]), &p, &progress)?
+        }
+        Cmd::CrossNode(a) => {
+            let p = cross_node::CrossNodeParams {
+                paths: a.paths.0.clone(),
+                pool: a.pool.clone(),
+                block_size: a.block_size,
+                underlay: a.underlay.clone(),
+                bin_dir,
+            };
+            cross_node::run(&a.suite.params(&[1, 4]), &p, &progress)?
         }
         Cmd::CniAdd { pods, cni_dir } => scenario::cni_add::run(
             &scenario::cni_add::CniAddParams { pods: *pods, cni_dir: cni_dir.clone() },

@@ -1,5 +1,5 @@
-//! Results: metrics measured on several paths, the ratio of the first path
-//! to the baseline, rendered as a table or a JSON document.
+//! Results: metrics measured on several paths, the ratios of subject paths
+//! to their baselines, rendered as a table or a JSON document.
 
 use serde::Serialize;
 use serde_json::Value;
@@ -30,9 +30,37 @@ pub struct Metric {
     pub decimals: usize,
     /// Value per path label; a path that has no such metric is absent.
     pub values: BTreeMap<String, f64>,
-    /// `values[subject] / values[baseline]`, when both exist and the
-    /// baseline is not zero.
+    /// `values[subject] / values[baseline]` of the first comparison, when
+    /// both exist and the baseline is not zero.
     pub ratio: Option<f64>,
+    /// The same for every comparison, keyed `subject/baseline`; a ratio
+    /// that cannot be taken is absent.
+    pub ratios: BTreeMap<String, f64>,
+}
+
+/// A ratio column: `subject / baseline`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Comparison {
+    pub subject: String,
+    pub baseline: String,
+}
+
+impl Comparison {
+    pub fn new(subject: &str, baseline: &str) -> Comparison {
+        Comparison { subject: subject.into(), baseline: baseline.into() }
+    }
+
+    /// `subject/baseline`: the column head and the key in [`Metric::ratios`].
+    pub fn name(&self) -> String {
+        format!("{}/{}", self.subject, self.baseline)
+    }
+
+    fn of(&self, values: &BTreeMap<String, f64>) -> Option<f64> {
+        match (values.get(&self.subject), values.get(&self.baseline)) {
+            (Some(s), Some(b)) if *b != 0.0 && s.is_finite() && b.is_finite() => Some(s / b),
+            _ => None,
+        }
+    }
 }
 
 /// The outcome of one scenario run.
@@ -45,18 +73,38 @@ pub struct Report {
     pub duration_s: f64,
     pub host: Value,
     pub params: Value,
-    /// Path labels, in column order; the first is the subject.
+    /// Path labels, in column order.
     pub paths: Vec<String>,
-    /// The path ratios are taken against.
+    /// The baseline of the first comparison (empty when there is none).
     pub baseline: String,
+    /// The ratio columns, in order.
+    pub comparisons: Vec<Comparison>,
     pub metrics: Vec<Metric>,
     /// Raw tool results and counters, per path.
     pub details: Value,
     pub notes: Vec<String>,
+    /// Paths that could not be measured (their cells stay empty), and why.
+    pub failures: BTreeMap<String, String>,
 }
 
 impl Report {
+    /// A report whose one ratio is the first path over `baseline`.
     pub fn new(scenario: &str, description: &str, paths: &[&str], baseline: &str) -> Report {
+        Report::with_comparisons(
+            scenario,
+            description,
+            paths,
+            vec![Comparison::new(paths[0], baseline)],
+        )
+    }
+
+    /// A report with one ratio column per comparison (possibly none).
+    pub fn with_comparisons(
+        scenario: &str,
+        description: &str,
+        paths: &[&str],
+        comparisons: Vec<Comparison>,
+    ) -> Report {
         Report {
             scenario: scenario.into(),
             description: description.into(),
@@ -65,11 +113,23 @@ impl Report {
             host: host_info(),
             params: Value::Null,
             paths: paths.iter().map(|s| s.to_string()).collect(),
-            baseline: baseline.into(),
+            baseline: comparisons.first().map(|c| c.baseline.clone()).unwrap_or_default(),
+            comparisons,
             metrics: Vec::new(),
             details: Value::Object(Default::default()),
             notes: Vec::new(),
+            failures: BTreeMap::new(),
         }
+    }
+
+    /// Record that `path` could not be measured (the first reason sticks).
+    pub fn fail(&mut self, path: &str, reason: &str) {
+        self.failures.entry(path.into()).or_insert_with(|| reason.into());
+    }
+
+    /// True when `path` has failed.
+    pub fn failed(&self, path: &str) -> bool {
+        self.failures.contains_key(path)
     }
 
     /// Record `value` of metric `key` on `path` (creating the metric the
@@ -96,17 +156,16 @@ impl Report {
                     decimals,
                     values: BTreeMap::new(),
                     ratio: None,
+                    ratios: BTreeMap::new(),
                 });
                 self.metrics.len() - 1
             }
         };
         let m = &mut self.metrics[i];
         m.values.insert(path.into(), value);
-        let subject = &self.paths[0];
-        m.ratio = match (m.values.get(subject), m.values.get(&self.baseline)) {
-            (Some(s), Some(b)) if *b != 0.0 && s.is_finite() && b.is_finite() => Some(s / b),
-            _ => None,
-        };
+        m.ratios =
+            self.comparisons.iter().filter_map(|c| Some((c.name(), c.of(&m.values)?))).collect();
+        m.ratio = self.comparisons.first().and_then(|c| c.of(&m.values));
     }
 
     /// Attach raw results under `details[path][what]`.
@@ -123,7 +182,8 @@ impl Report {
         serde_json::to_string_pretty(self).expect("report serializes")
     }
 
-    /// The table: metric | one column per path | ratio | which way is better.
+    /// The table: metric | one column per path | one per ratio | which way
+    /// is better; then the failed paths and the notes.
     pub fn to_table(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "{}: {}", self.scenario, self.description);
@@ -139,16 +199,19 @@ impl Report {
         );
         let _ = writeln!(s, "params: {}", compact_params(&self.params));
         let _ = writeln!(s);
-        let ratio_head = format!("{}/{}", self.paths[0], self.baseline);
+        let heads: Vec<String> = self.comparisons.iter().map(Comparison::name).collect();
         let w0 = self.metrics.iter().map(|m| m.label.len()).max().unwrap_or(6).max(6);
         let cols: Vec<usize> = self.paths.iter().map(|p| p.len().max(10)).collect();
-        let wr = ratio_head.len().max(6);
+        let wrs: Vec<usize> = heads.iter().map(|h| h.len().max(6)).collect();
         let _ = write!(s, "{:<w0$}", "metric");
         for (p, w) in self.paths.iter().zip(&cols) {
             let _ = write!(s, " | {p:>w$}");
         }
-        let _ = writeln!(s, " | {ratio_head:>wr$} | better");
-        let total = w0 + cols.iter().map(|w| w + 3).sum::<usize>() + wr + 3 + 9;
+        for (h, w) in heads.iter().zip(&wrs) {
+            let _ = write!(s, " | {h:>w$}");
+        }
+        let _ = writeln!(s, " | better");
+        let total = w0 + cols.iter().chain(&wrs).map(|w| w + 3).sum::<usize>() + 9;
         let _ = writeln!(s, "{}", "-".repeat(total));
         for m in &self.metrics {
             let _ = write!(s, "{:<w0$}", m.label);
@@ -160,13 +223,22 @@ impl Report {
                 };
                 let _ = write!(s, " | {v:>w$}");
             }
-            let r = m.ratio.map_or("-".into(), |r| format!("{r:.2}"));
+            for (h, w) in heads.iter().zip(&wrs) {
+                let r = m.ratios.get(h).map_or("-".into(), |r| format!("{r:.2}"));
+                let _ = write!(s, " | {r:>w$}");
+            }
             let better = match m.better {
                 Better::Higher => "higher",
                 Better::Lower => "lower",
                 Better::Neither => "",
             };
-            let _ = writeln!(s, " | {r:>wr$} | {better}");
+            let _ = writeln!(s, " | {better}");
+        }
+        if !self.failures.is_empty() {
+            let _ = writeln!(s);
+            for p in self.paths.iter().filter(|p| self.failures.contains_key(*p)) {
+                let _ = writeln!(s, "{}", failure_line(p, &self.failures[p]));
+            }
         }
         if !self.notes.is_empty() {
             let _ = writeln!(s);
@@ -176,6 +248,17 @@ impl Report {
         }
         s
     }
+}
+
+/// `<path>: failed: <reason>`, later lines of the reason indented.
+pub fn failure_line(path: &str, reason: &str) -> String {
+    let mut lines = reason.trim_end().lines();
+    let mut s = format!("{path}: failed: {}", lines.next().unwrap_or(""));
+    for l in lines {
+        s.push_str("\n    ");
+        s.push_str(l);
+    }
+    s
 }
 
 fn compact_params(p: &Value) -> String {
@@ -263,5 +346,53 @@ mod tests {
         let j: Value = serde_json::from_str(&r.to_json()).unwrap();
         assert_eq!(j["metrics"][0]["ratio"], 0.5);
         assert_eq!(j["metrics"][2]["ratio"], Value::Null);
+    }
+
+    #[test]
+    fn one_ratio_column_per_comparison_and_failed_paths() {
+        let mut r = Report::with_comparisons(
+            "cross-node",
+            "test",
+            &["ocelot-vxlan", "kernel-vxlan", "ocelot-ipip", "kernel-ipip"],
+            vec![
+                Comparison::new("ocelot-vxlan", "kernel-vxlan"),
+                Comparison::new("ocelot-ipip", "kernel-ipip"),
+            ],
+        );
+        assert_eq!(r.baseline, "kernel-vxlan");
+        r.add("tcp", "TCP (Gbit/s)", "Gbit/s", Better::Higher, 2, "kernel-vxlan", 10.0);
+        r.add("tcp", "TCP (Gbit/s)", "Gbit/s", Better::Higher, 2, "kernel-ipip", 8.0);
+        r.add("tcp", "TCP (Gbit/s)", "Gbit/s", Better::Higher, 2, "ocelot-ipip", 4.0);
+        r.fail("ocelot-vxlan", "pod 10.65.0.0 cannot ping pod 10.65.0.64\nsecond line");
+        r.fail("ocelot-vxlan", "a later reason is ignored");
+        assert!(r.failed("ocelot-vxlan") && !r.failed("kernel-vxlan"));
+        let m = &r.metrics[0];
+        assert_eq!(m.ratio, None, "ocelot-vxlan has no value");
+        assert_eq!(m.ratios.get("ocelot-ipip/kernel-ipip"), Some(&0.5));
+        assert_eq!(m.ratios.get("ocelot-vxlan/kernel-vxlan"), None);
+        let t = r.to_table();
+        let head = t.lines().find(|l| l.starts_with("metric")).unwrap();
+        assert!(head.contains("| ocelot-vxlan/kernel-vxlan | ocelot-ipip/kernel-ipip | better"));
+        let row = t.lines().find(|l| l.starts_with("TCP")).unwrap();
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        assert_eq!(cells, ["TCP (Gbit/s)", "-", "10.00", "4.00", "8.00", "-", "0.50", "higher"]);
+        assert!(
+            t.contains(
+                "\nocelot-vxlan: failed: pod 10.65.0.0 cannot ping pod 10.65.0.64\n    second line\n"
+            ),
+            "{t}"
+        );
+        let j: Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(j["failures"]["ocelot-vxlan"].as_str().unwrap().lines().count(), 2);
+        assert_eq!(j["metrics"][0]["ratios"]["ocelot-ipip/kernel-ipip"], 0.5);
+    }
+
+    #[test]
+    fn no_comparison_no_ratio_column() {
+        let mut r = Report::with_comparisons("x", "test", &["kernel-vxlan"], Vec::new());
+        r.add("tcp", "TCP (Gbit/s)", "Gbit/s", Better::Higher, 2, "kernel-vxlan", 10.0);
+        let t = r.to_table();
+        assert!(t.lines().any(|l| l.starts_with("metric") && l.ends_with("kernel-vxlan | better")));
+        assert_eq!(r.baseline, "");
     }
 }

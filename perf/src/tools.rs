@@ -52,14 +52,33 @@ pub struct Ran {
 
 /// Run `args` inside `ns`, killing it after `timeout` (or on Ctrl-C).
 pub fn run_in(ns: &Netns, args: &[&str], timeout: Duration) -> Result<Ran> {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &ns.name])
-        .args(args)
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name]).args(args);
+    run_timed(cmd, &format!("`{}` in {}", args.join(" "), ns.name), timeout)
+}
+
+/// Run `cmd` (described as `what` in errors), killing it after `timeout`
+/// (or on Ctrl-C).
+pub fn run_timed(cmd: Command, what: &str, timeout: Duration) -> Result<Ran> {
+    run_with(cmd, what, timeout, true)
+}
+
+/// Run a cleanup command to its end (or `timeout`), even after Ctrl-C: it
+/// gets its own process group, so a second Ctrl-C at the terminal does not
+/// reach it either.
+pub fn run_cleanup(mut cmd: Command, what: &str, timeout: Duration) -> Result<Ran> {
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0);
+    run_with(cmd, what, timeout, false)
+}
+
+fn run_with(mut cmd: Command, what: &str, timeout: Duration, interruptible: bool) -> Result<Ran> {
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| format!("cannot run `{}`", args.join(" ")))?;
+        .with_context(|| format!("cannot run {what}"))?;
     let mut out = child.stdout.take().expect("piped");
     let mut err = child.stderr.take().expect("piped");
     let t_out = std::thread::spawn(move || {
@@ -77,7 +96,7 @@ pub fn run_in(ns: &Netns, args: &[&str], timeout: Duration) -> Result<Ran> {
         if let Some(st) = child.try_wait()? {
             break Some(st);
         }
-        if Instant::now() >= end || interrupt::interrupted() {
+        if Instant::now() >= end || (interruptible && interrupt::interrupted()) {
             let _ = child.kill();
             let _ = child.wait();
             break None;
@@ -86,12 +105,12 @@ pub fn run_in(ns: &Netns, args: &[&str], timeout: Duration) -> Result<Ran> {
     };
     let stdout = String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into_owned();
     let stderr = String::from_utf8_lossy(&t_err.join().unwrap_or_default()).into_owned();
-    interrupt::check()?;
+    if interruptible {
+        interrupt::check()?;
+    }
     let Some(st) = status else {
         bail!(
-            "`{}` in {} did not finish within {}s\n{}{}",
-            args.join(" "),
-            ns.name,
+            "{what} did not finish within {}s\n{}{}",
             timeout.as_secs(),
             tail(&stdout, 20),
             tail(&stderr, 20)
@@ -511,11 +530,36 @@ impl LossCounters {
 
 /// `(rx dropped, tx dropped)` of an interface in `ns`.
 pub fn link_dropped(ns: &Netns, ifname: &str) -> Result<(u64, u64)> {
+    let v = link_stats(ns, ifname)?;
+    Ok((parse_link_counter(&v, "rx", "dropped")?, parse_link_counter(&v, "tx", "dropped")?))
+}
+
+/// One counter (`dir` `rx`/`tx`, `field` `packets`, `bytes`, `dropped`...)
+/// of an interface in `ns`.
+pub fn link_counter(ns: &Netns, ifname: &str, dir: &str, field: &str) -> Result<u64> {
+    parse_link_counter(&link_stats(ns, ifname)?, dir, field)
+}
+
+/// The MTU of an interface in `ns`.
+pub fn link_mtu(ns: &Netns, ifname: &str) -> Result<u32> {
+    parse_link_mtu(&link_stats(ns, ifname)?)
+}
+
+/// `mtu` of the first link in `ip -j link` output.
+pub fn parse_link_mtu(v: &Value) -> Result<u32> {
+    v[0]["mtu"].as_u64().and_then(|m| u32::try_from(m).ok()).context("ip -j link: no mtu")
+}
+
+fn link_stats(ns: &Netns, ifname: &str) -> Result<Value> {
     let out = ns.exec(&format!("ip -j -s link show dev {ifname}"));
-    let v: Value = serde_json::from_str(&out).context("ip -j -s link: bad JSON")?;
-    let s = &v[0]["stats64"];
-    let get = |dir: &str| s[dir]["dropped"].as_u64().context("ip -j -s link: no stats64");
-    Ok((get("rx")?, get("tx")?))
+    serde_json::from_str(&out).context("ip -j -s link: bad JSON")
+}
+
+/// `stats64.<dir>.<field>` of the first link in `ip -j -s link` output.
+pub fn parse_link_counter(v: &Value, dir: &str, field: &str) -> Result<u64> {
+    v[0]["stats64"][dir][field]
+        .as_u64()
+        .with_context(|| format!("ip -j -s link: no stats64.{dir}.{field}"))
 }
 
 /// A counter of `/proc/net/snmp` (`Udp` / `RcvbufErrors`...): a header line
@@ -531,6 +575,24 @@ pub fn snmp_field(snmp: &str, proto: &str, key: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod snmp_tests {
+    #[test]
+    fn link_counters() {
+        // `ip -j -s link show dev vxlan.calico`, trimmed.
+        let v: serde_json::Value = serde_json::from_str(
+            r#"[{"ifindex":3,"ifname":"vxlan.calico","mtu":1450,"operstate":"UNKNOWN",
+                "stats64":{"rx":{"bytes":1679825,"packets":32292,"errors":0,"dropped":0},
+                           "tx":{"bytes":6288919796,"packets":113248,"errors":0,"dropped":8}}}]"#,
+        )
+        .unwrap();
+        assert_eq!(super::parse_link_counter(&v, "tx", "packets").unwrap(), 113248);
+        assert_eq!(super::parse_link_counter(&v, "tx", "dropped").unwrap(), 8);
+        assert_eq!(super::parse_link_counter(&v, "rx", "bytes").unwrap(), 1679825);
+        assert!(super::parse_link_counter(&v, "rx", "nope").is_err());
+        assert!(super::parse_link_counter(&serde_json::json!([]), "rx", "packets").is_err());
+        assert_eq!(super::parse_link_mtu(&v).unwrap(), 1450);
+        assert!(super::parse_link_mtu(&serde_json::json!([{}])).is_err());
+    }
+
     #[test]
     fn snmp_udp() {
         let s = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\

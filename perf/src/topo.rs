@@ -1,10 +1,30 @@
 //! Topologies to measure on: RAII guards that build namespaces, links and
 //! processes, and remove them all when dropped (namespaces are deleted with
 //! every process still inside, which also removes their veth/TAP devices).
+//!
+//! One node: [`OcelotSameNode`], [`KernelSameNode`]. Two nodes: the kernel
+//! overlays in [`overlay`], Ocelot's through the lab in [`lab`].
+
+pub mod lab;
+pub mod overlay;
 
 use anyhow::{bail, Result};
-use ocelot_tests::{sh, wait_until, DataplaneNode, Netns};
+use ocelot_tests::{sh, sh_out, wait_until, DataplaneNode, Netns};
 use std::time::Duration;
+
+/// Run a shell command; its stdout, or an error carrying its output.
+pub fn cmd(c: &str) -> Result<String> {
+    let out = sh_out(c);
+    if !out.status.success() {
+        bail!(
+            "`{c}` failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr).trim_end()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
 
 /// Two pods to measure between: the client sends to the server.
 pub trait PodPair {
@@ -128,25 +148,40 @@ impl KernelSameNode {
         let client = Pod { ns: Netns::new("pfk-a"), ip: client_ip.into() };
         let server = Pod { ns: Netns::new("pfk-b"), ip: server_ip.into() };
         let k = KernelSameNode { client, server, node };
-        k.attach(&k.client, "cali0");
-        k.attach(&k.server, "cali1");
+        for (pod, host_if) in [(&k.client, "cali0"), (&k.server, "cali1")] {
+            if let Err(e) = attach_calico_pod(&k.node, pod, host_if, None) {
+                panic!("{e:#}");
+            }
+        }
         k
     }
+}
 
-    fn attach(&self, pod: &Pod, host_if: &str) {
-        let (n, p, ip) = (&self.node.name, &pod.ns.name, &pod.ip);
-        sh(&format!("ip -n {n} link add {host_if} type veth peer name eth0 netns {p}"));
-        sh(&format!("ip -n {n} link set {host_if} address {CALICO_MAC}"));
-        self.node.exec(&format!(
-            "sysctl -qw net.ipv4.conf.{host_if}.proxy_arp=1 net.ipv4.neigh.{host_if}.proxy_delay=0"
-        ));
-        sh(&format!("ip -n {n} link set {host_if} up"));
-        sh(&format!("ip -n {n} route add {ip}/32 dev {host_if}"));
-        sh(&format!("ip -n {p} addr add {ip}/32 dev eth0"));
-        sh(&format!("ip -n {p} link set eth0 up"));
-        sh(&format!("ip -n {p} route add 169.254.1.1 dev eth0 scope link"));
-        sh(&format!("ip -n {p} route add default via 169.254.1.1 dev eth0"));
+/// Attach `pod` to `node` as Calico does: a veth pair, `eth0` in the pod
+/// with the pod's /32, a link route to 169.254.1.1 and the default route
+/// through it; on the node, `host_if` with [`CALICO_MAC`], proxy ARP
+/// without delay (the node answers for 169.254.1.1; it needs a route to it
+/// out of another interface, e.g. a default route) and a /32 route to the
+/// pod. `mtu` goes on both ends (Calico sets the overlay's).
+pub fn attach_calico_pod(node: &Netns, pod: &Pod, host_if: &str, mtu: Option<u32>) -> Result<()> {
+    let (n, p, ip) = (&node.name, &pod.ns.name, &pod.ip);
+    cmd(&format!("ip -n {n} link add {host_if} type veth peer name eth0 netns {p}"))?;
+    cmd(&format!("ip -n {n} link set {host_if} address {CALICO_MAC}"))?;
+    if let Some(mtu) = mtu {
+        cmd(&format!("ip -n {n} link set {host_if} mtu {mtu}"))?;
+        cmd(&format!("ip -n {p} link set eth0 mtu {mtu}"))?;
     }
+    cmd(&format!(
+        "ip netns exec {n} sysctl -qw net.ipv4.conf.{host_if}.proxy_arp=1 \
+         net.ipv4.neigh.{host_if}.proxy_delay=0"
+    ))?;
+    cmd(&format!("ip -n {n} link set {host_if} up"))?;
+    cmd(&format!("ip -n {n} route add {ip}/32 dev {host_if}"))?;
+    cmd(&format!("ip -n {p} addr add {ip}/32 dev eth0"))?;
+    cmd(&format!("ip -n {p} link set eth0 up"))?;
+    cmd(&format!("ip -n {p} route add 169.254.1.1 dev eth0 scope link"))?;
+    cmd(&format!("ip -n {p} route add default via 169.254.1.1 dev eth0"))?;
+    Ok(())
 }
 
 impl PodPair for KernelSameNode {

@@ -1,7 +1,7 @@
 //! `same-node`: pod A to pod B on one node, through Ocelot's dataplane and
 //! through the kernel path Calico programs, measured in the same run.
 
-use super::{run_suite, Dataplane, Subject, SuiteParams};
+use super::{run_suite, Dataplane, OnFailure, Subject, SuiteParams};
 use crate::interrupt;
 use crate::report::Report;
 use crate::tools;
@@ -57,14 +57,14 @@ pub fn run(sp: &SuiteParams, p: &SameNodeParams, progress: &dyn Fn(&str)) -> Res
         let subjects = [
             Subject {
                 pair: &ocelot,
-                dataplane: Some(Dataplane {
+                dataplanes: vec![Dataplane {
                     pid: ocelot.dataplane_pid()?,
                     socket: ocelot.node.socket(),
-                }),
+                }],
             },
-            Subject { pair: &kernel, dataplane: None },
+            Subject { pair: &kernel, dataplanes: Vec::new() },
         ];
-        run_suite(&subjects, sp, &mut report, &logs.0, progress)
+        run_suite(&subjects, sp, &mut report, &logs.0, progress, OnFailure::Stop)
     })();
     if let Err(e) = result {
         if interrupt::interrupted() {
