@@ -6,3 +6,4 @@ pub mod datastore;
 pub mod ipam;
 pub mod lab;
 pub mod model;
+pub mod policy;

@@ -30,9 +30,12 @@ pub struct Settings {
     pub uplink_mtu: u32,
 }
 
-/// A node's underlay address (`InternalIP`).
+/// A node's underlay address (its IPv4 `InternalIP`).
 pub fn node_ip(n: &Node) -> Option<Ipv4Addr> {
-    n.status.addresses.iter().find(|a| a.kind == "InternalIP").and_then(|a| a.address.parse().ok())
+    match n.internal_ip() {
+        Some(IpAddr::V4(a)) => Some(a),
+        _ => None,
+    }
 }
 
 /// A node's VTEP MAC: its annotation, else derived from its name.
