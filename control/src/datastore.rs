@@ -15,6 +15,8 @@ pub struct Cluster {
     /// By `namespace/name`.
     pub pods: BTreeMap<String, Pod>,
     pub pools: BTreeMap<String, IpPool>,
+    /// By `namespace/name`.
+    pub policies: BTreeMap<String, crate::policy::NetworkPolicy>,
 }
 
 impl Cluster {
@@ -33,6 +35,9 @@ impl Cluster {
                 }
                 Object::IpPool(p) => {
                     c.pools.insert(p.metadata.name.clone(), p.clone());
+                }
+                Object::NetworkPolicy(p) => {
+                    c.policies.insert(format!("{}/{}", p.namespace(), p.metadata.name), p.clone());
                 }
             }
         }

@@ -44,6 +44,8 @@ pub struct Lab {
 #[derive(Default, Debug)]
 pub struct Objects {
     pub pools: Vec<Object>,
+    /// NetworkPolicies: written to the datastore, enforced by the agents.
+    pub policies: Vec<Object>,
     pub namespaces: Vec<Namespace>,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
@@ -55,7 +57,7 @@ impl Objects {
             crate::model::parse_documents(text).with_context(|| format!("reading {origin}"))?;
         for s in skipped {
             eprintln!(
-                "note: {origin}: {s} ignored (the lab reads Nodes, Namespaces, Pods, IPPools)"
+                "note: {origin}: {s} ignored (the lab reads Nodes, Namespaces, Pods, IPPools, NetworkPolicies)"
             );
         }
         let mut o = Objects::default();
@@ -67,6 +69,11 @@ impl Objects {
             names::validate_object_name(obj.kind(), &obj.meta().name).map_err(|e| anyhow!(e))?;
             match obj {
                 Object::IpPool(_) => o.pools.push(obj),
+                Object::NetworkPolicy(ref p) => {
+                    names::validate_object_name("Namespace", p.namespace())
+                        .map_err(|e| anyhow!(e))?;
+                    o.policies.push(obj)
+                }
                 Object::Namespace(n) => o.namespaces.push(n),
                 Object::Node(n) => o.nodes.push(n),
                 Object::Pod(p) => {
@@ -341,6 +348,9 @@ impl Lab {
         for n in objs.namespaces {
             self.write_object(&Object::Namespace(normalize_namespace(n)))?;
         }
+        for o in &objs.policies {
+            self.write_object(o)?;
+        }
         let missing: BTreeSet<String> = pods
             .iter()
             .map(|p| p.namespace().to_string())
@@ -440,7 +450,7 @@ impl Lab {
         for n in objs.namespaces {
             self.remove_object(&Object::Namespace(n))?;
         }
-        for p in &objs.pools {
+        for p in objs.pools.iter().chain(&objs.policies) {
             self.remove_object(p)?;
         }
         if !errors.is_empty() {

@@ -87,6 +87,9 @@ pub fn datastore_file(o: &Object) -> String {
         Object::Node(n) => format!("node-{}.yaml", n.metadata.name),
         Object::Namespace(n) => format!("namespace-{}.yaml", n.metadata.name),
         Object::IpPool(p) => format!("ippool-{}.yaml", p.metadata.name),
+        Object::NetworkPolicy(p) => {
+            format!("networkpolicy-{}_{}.yaml", p.namespace(), p.metadata.name)
+        }
     }
 }
 

@@ -118,7 +118,8 @@ impl World<'_> {
         port: u16,
         proto: &str,
     ) -> bool {
-        (rule.peers.is_empty() || rule.peers.iter().any(|p| self.peer_matches(p, policy_ns, peer)))
+        let peers = if rule.from.is_empty() { &rule.to } else { &rule.from };
+        (peers.is_empty() || peers.iter().any(|p| self.peer_matches(p, policy_ns, peer)))
             && (rule.ports.is_empty()
                 || rule.ports.iter().any(|pp| Self::port_matches(pp, dst, port, proto)))
     }
@@ -253,8 +254,10 @@ mod tests {
                 .unwrap()
                 .iter()
                 .map(|p| {
-                    serde_json::from_value(p.clone())
-                        .unwrap_or_else(|e| panic!("{name}: policy {p}: {e}"))
+                    let np: NetworkPolicy = serde_json::from_value(p.clone())
+                        .unwrap_or_else(|e| panic!("{name}: policy {p}: {e}"));
+                    np.validate().unwrap();
+                    np
                 })
                 .collect();
             let world = World { namespaces: &namespaces, policies: &policies };

@@ -98,14 +98,17 @@ pub struct Peer {
     pub ip_block: Option<IpBlock>,
 }
 
-/// An ingress (`from`) or egress (`to`) rule. An absent or empty peer list
-/// means every peer; an absent or empty port list, every port.
+/// An ingress rule (peers in `from`) or egress rule (peers in `to`). An
+/// absent or empty peer list means every peer; an absent or empty port
+/// list, every port.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rule {
-    #[serde(default, alias = "from", alias = "to")]
-    pub peers: Vec<Peer>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<Peer>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<Peer>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PolicyPort>,
 }
 
@@ -149,5 +152,70 @@ impl NetworkPolicy {
 
     pub fn namespace(&self) -> &str {
         self.metadata.namespace.as_deref().unwrap_or("default")
+    }
+
+    /// What the API server would refuse: `to` in an ingress rule, `from`
+    /// in an egress rule, a peer with nothing in it or with an ipBlock
+    /// beside selectors, bad CIDRs, an `endPort` without a numeric port or
+    /// below it, an unknown protocol.
+    pub fn validate(&self) -> Result<(), String> {
+        let name = format!("NetworkPolicy {}/{}", self.namespace(), self.metadata.name);
+        for r in self.spec.ingress.iter().flatten() {
+            if !r.to.is_empty() {
+                return Err(format!(
+                    "{name}: an ingress rule has `to` (ingress peers go in `from`)"
+                ));
+            }
+        }
+        for r in self.spec.egress.iter().flatten() {
+            if !r.from.is_empty() {
+                return Err(format!("{name}: an egress rule has `from` (egress peers go in `to`)"));
+            }
+        }
+        let rules = self.spec.ingress.iter().flatten().chain(self.spec.egress.iter().flatten());
+        for r in rules {
+            for p in r.from.iter().chain(&r.to) {
+                match (&p.ip_block, p.pod_selector.is_some() || p.namespace_selector.is_some()) {
+                    (None, false) => return Err(format!("{name}: a peer selects nothing")),
+                    (Some(_), true) => {
+                        return Err(format!("{name}: a peer has both ipBlock and selectors"))
+                    }
+                    (Some(b), false) => {
+                        for c in std::iter::once(&b.cidr).chain(&b.except) {
+                            if !valid_cidr(c) {
+                                return Err(format!("{name}: {c:?} is not a CIDR"));
+                            }
+                        }
+                    }
+                    (None, true) => {}
+                }
+            }
+            for pp in &r.ports {
+                let proto = pp.protocol.as_deref().unwrap_or("TCP");
+                if !["TCP", "UDP", "SCTP"].contains(&proto) {
+                    return Err(format!("{name}: protocol {proto:?} (TCP, UDP or SCTP)"));
+                }
+                match (&pp.port, pp.end_port) {
+                    (Some(PortRef::Number(0)), _) => return Err(format!("{name}: port 0")),
+                    (Some(PortRef::Number(p)), Some(e)) if e < *p => {
+                        return Err(format!("{name}: endPort {e} below port {p}"))
+                    }
+                    (Some(PortRef::Name(_)) | None, Some(_)) => {
+                        return Err(format!("{name}: endPort needs a numeric port"))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn valid_cidr(c: &str) -> bool {
+    let Some((a, l)) = c.split_once('/') else { return false };
+    match (a.parse::<std::net::IpAddr>(), l.parse::<u8>()) {
+        (Ok(std::net::IpAddr::V4(_)), Ok(l)) => l <= 32,
+        (Ok(std::net::IpAddr::V6(_)), Ok(l)) => l <= 128,
+        _ => false,
     }
 }
