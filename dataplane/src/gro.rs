@@ -11,7 +11,9 @@
 //! frame); every segment but the last exactly `mss` bytes of payload. Each
 //! segment's TCP checksum is verified before it is merged (a merged frame
 //! leaves with a partial checksum, which nobody checks again); a segment
-//! that fails stays on its own and the receiver drops it.
+//! that fails stays on its own and the receiver drops it. A segment that
+//! arrived with a partial checksum (see `pipeline::tunnel`) is merged as
+//! it is: its sender's kernel asked for it to be trusted.
 
 use crate::csum;
 use crate::frame::Frame;
@@ -40,7 +42,7 @@ struct Seg {
 /// A plain (non-GSO, complete) TCP/IPv4 segment with payload, without IP
 /// options or fragmentation, whose checksum verifies.
 fn parse(f: &Frame) -> Option<Seg> {
-    if f.vnet.is_gso() || f.vnet.needs_csum() {
+    if f.vnet.is_gso() {
         return None;
     }
     let d = f.data();
@@ -70,11 +72,19 @@ fn parse(f: &Frame) -> Option<Seg> {
     if flags & !(TCP_ACK | TCP_PSH) != 0 || flags & TCP_ACK == 0 {
         return None;
     }
-    // The checksum, over the pseudo-header and the segment.
-    let mut acc = csum::sum(&ip[12..20], 0);
-    acc = acc.wrapping_add(u32::from(PROTO_TCP)).wrapping_add((end - l4) as u32);
-    if csum::fold(csum::sum(&d[l4..end], acc)) != 0xffff {
-        return None;
+    if f.vnet.needs_csum() {
+        // A partial checksum (the sender's kernel meant the receiver to
+        // trust it): nothing to verify, but it must be where TCP's is.
+        if usize::from(f.vnet.csum_start) != l4 || f.vnet.csum_offset != 16 {
+            return None;
+        }
+    } else {
+        // The checksum, over the pseudo-header and the segment.
+        let mut acc = csum::sum(&ip[12..20], 0);
+        acc = acc.wrapping_add(u32::from(PROTO_TCP)).wrapping_add((end - l4) as u32);
+        if csum::fold(csum::sum(&d[l4..end], acc)) != 0xffff {
+            return None;
+        }
     }
     let seq = u32::from_be_bytes([d[l4 + 4], d[l4 + 5], d[l4 + 6], d[l4 + 7]]);
     Some(Seg { l4, payload, len: end - payload, seq, flags })
@@ -294,6 +304,28 @@ mod tests {
         assert!(frames[1].vnet.is_gso());
         // A larger segment after a smaller first one is not merged.
         let mut frames = vec![seg(0, &p[..500], false, 80), seg(500, &p, false, 80)];
+        let mut sel = vec![0, 1];
+        assert_eq!(coalesce(&mut frames, &mut sel), 0);
+    }
+
+    #[test]
+    fn segments_with_partial_checksums_merge_without_verification() {
+        let p = data(1000);
+        let mut frames = vec![seg(0, &p, false, 80), seg(1000, &p, false, 80)];
+        for f in &mut frames {
+            // What the pipeline marks: a partial checksum at TCP's field.
+            f.data_mut()[50..52].copy_from_slice(&[0x12, 0x34]);
+            f.vnet.flags = F_NEEDS_CSUM;
+            f.vnet.csum_start = 34;
+            f.vnet.csum_offset = 16;
+        }
+        let mut sel = vec![0, 1];
+        assert_eq!(coalesce(&mut frames, &mut sel), 1);
+        assert!(frames[0].vnet.is_gso());
+        // Elsewhere than TCP's checksum field: not merged.
+        let mut frames = vec![seg(0, &p, false, 80), seg(1000, &p, false, 80)];
+        frames[1].vnet.flags = F_NEEDS_CSUM;
+        frames[1].vnet.csum_start = 30;
         let mut sel = vec![0, 1];
         assert_eq!(coalesce(&mut frames, &mut sel), 0);
     }

@@ -15,6 +15,7 @@ pub mod gro;
 pub mod gso;
 pub mod logging;
 pub mod pipeline;
+pub mod policy;
 pub mod port;
 pub mod state;
 pub mod sys;

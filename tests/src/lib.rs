@@ -66,14 +66,7 @@ impl Netns {
 
     /// Start a long-running command in the namespace.
     pub fn spawn(&self, cmd: &str, log: &Path) -> Proc {
-        let f = std::fs::File::create(log).expect("create log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.name, "sh", "-c", &format!("exec {cmd}")])
-            .stdout(Stdio::from(f.try_clone().expect("dup log")))
-            .stderr(Stdio::from(f))
-            .spawn()
-            .expect("spawn");
-        Proc { child: Some(child), log: log.to_path_buf() }
+        spawn_in(&self.name, cmd, log)
     }
 
     /// True when `ping` from this namespace reaches `ip`.
@@ -88,6 +81,21 @@ impl Drop for Netns {
         let _ = sh_out(&format!("ip netns pids {} | xargs -r kill -9", self.name));
         let _ = sh_out(&format!("ip netns del {}", self.name));
     }
+}
+
+/// Start a long-running command (through sh) in the named network
+/// namespace, which this test does not own (a lab's, say); its output goes
+/// to `log`.
+pub fn spawn_in(netns: &str, cmd: &str, log: &Path) -> Proc {
+    let f = std::fs::File::create(log).expect("create log");
+    let child = Command::new("ip")
+        .args(["netns", "exec", netns, "sh", "-c", &format!("exec {cmd}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(f.try_clone().expect("dup log")))
+        .stderr(Stdio::from(f))
+        .spawn()
+        .expect("spawn");
+    Proc { child: Some(child), log: log.to_path_buf() }
 }
 
 /// A child process killed (SIGKILL) on drop.
@@ -386,5 +394,206 @@ impl AgentNode {
         use std::io::Write as _;
         child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("write stdin");
         child.wait_with_output().expect("ocelot-cni")
+    }
+}
+
+/// A running `ocelot lab` (see `ocelot lab --help`), taken down on drop,
+/// also when the test fails. Its namespaces are named as the lab names
+/// them: `ocl-<lab>-fabric`, `ocl-<lab>-node-<node>`, `ocl-<lab>-pod-<ns>.<pod>`.
+pub struct Lab {
+    pub name: String,
+    pub run_dir: TempDir,
+}
+
+impl Lab {
+    /// `ocelot lab up -f file` under a fresh name and run directory.
+    pub fn up(file: &str) -> Lab {
+        let lab = Lab { name: unique("t"), run_dir: TempDir::new("ocelot-lab-") };
+        lab.ocelot(&format!("up -f {file}"));
+        lab
+    }
+
+    /// `ocelot lab up` of YAML text.
+    pub fn up_yaml(yaml: &str) -> Lab {
+        let lab = Lab { name: unique("t"), run_dir: TempDir::new("ocelot-lab-") };
+        let file = lab.input(yaml);
+        lab.ocelot(&format!("up -f {}", file.display()));
+        lab
+    }
+
+    /// YAML text as a file beside the lab (removed with the run directory).
+    fn input(&self, yaml: &str) -> PathBuf {
+        let file = self.run_dir.0.join(format!("{}.yaml", unique("input-")));
+        std::fs::write(&file, yaml).expect("write lab input");
+        file
+    }
+
+    /// `ocelot lab <sub> --name .. --run-dir .. <rest>`; panics when it fails.
+    pub fn ocelot(&self, args: &str) -> String {
+        let (sub, rest) = args.split_once(' ').unwrap_or((args, ""));
+        sh(&format!(
+            "{} lab {sub} --name {} --run-dir {} {rest} 2>&1",
+            bin("ocelot").display(),
+            self.name,
+            self.run_dir.0.display()
+        ))
+    }
+
+    /// `ocelot lab apply` of YAML text.
+    pub fn apply(&self, yaml: &str) {
+        let file = self.input(yaml);
+        self.ocelot(&format!("apply -f {}", file.display()));
+    }
+
+    /// The reachability matrix for one port: `{"ns/from": {"ns/to": bool}}`.
+    pub fn probe(&self, port: u16, proto: &str) -> serde_json::Value {
+        let out = self
+            .ocelot(&format!("probe --port {port} --protocol {proto} -o json --timeout-ms 500"));
+        let start = out.find('[').expect("probe JSON");
+        let v: serde_json::Value = serde_json::from_str(&out[start..]).expect("probe JSON");
+        v[0]["matrix"].clone()
+    }
+
+    /// `ocelot lab get pods -o json`.
+    pub fn pods(&self) -> serde_json::Value {
+        let out = self.ocelot("get pods -o json");
+        let start = out.find(['[', '{']).expect("pods JSON");
+        serde_json::from_str(&out[start..]).expect("pods JSON")
+    }
+
+    /// `ocelot lab get nodes -o json`.
+    pub fn nodes(&self) -> serde_json::Value {
+        let out = self.ocelot("get nodes -o json");
+        let start = out.find('[').expect("nodes JSON");
+        serde_json::from_str(&out[start..]).expect("nodes JSON")
+    }
+
+    /// The address of pod `ns/name`.
+    pub fn pod_ip(&self, key: &str) -> String {
+        let pods = self.pods();
+        let list = pods.as_array().expect("pod list");
+        let p = list
+            .iter()
+            .find(|p| {
+                format!(
+                    "{}/{}",
+                    p["namespace"].as_str().unwrap_or(""),
+                    p["name"].as_str().unwrap_or("")
+                ) == key
+            })
+            .unwrap_or_else(|| panic!("no pod {key} in {pods}"));
+        p["ip"].as_str().unwrap_or_else(|| panic!("pod {key} has no address: {p}")).to_string()
+    }
+
+    /// A node's underlay address (its InternalIP).
+    pub fn node_ip(&self, node: &str) -> String {
+        let nodes = self.nodes();
+        let n = nodes
+            .as_array()
+            .expect("node list")
+            .iter()
+            .find(|n| n["name"] == node)
+            .unwrap_or_else(|| panic!("no node {node} in {nodes}"));
+        n["internalIP"].as_str().expect("internalIP").to_string()
+    }
+
+    pub fn fabric_netns(&self) -> String {
+        format!("ocl-{}-fabric", self.name)
+    }
+
+    pub fn node_netns(&self, node: &str) -> String {
+        format!("ocl-{}-node-{node}", self.name)
+    }
+
+    /// The namespace of pod `ns/name`.
+    pub fn pod_netns(&self, key: &str) -> String {
+        let (ns, name) = key.split_once('/').expect("pod key ns/name");
+        format!("ocl-{}-pod-{ns}.{name}", self.name)
+    }
+
+    /// The shared datastore directory the agents watch.
+    pub fn datastore(&self) -> PathBuf {
+        self.run_dir.0.join(&self.name).join("datastore")
+    }
+
+    /// Run `cmd` in a node's namespace; panics when it fails.
+    pub fn node_exec(&self, node: &str, cmd: &str) -> String {
+        sh(&format!("ip netns exec {} {cmd}", self.node_netns(node)))
+    }
+
+    pub fn node_exec_out(&self, node: &str, cmd: &str) -> Output {
+        sh_out(&format!("ip netns exec {} {cmd}", self.node_netns(node)))
+    }
+
+    /// Run `cmd` in pod `ns/name`'s namespace; panics when it fails.
+    pub fn pod_exec(&self, key: &str, cmd: &str) -> String {
+        sh(&format!("ip netns exec {} {cmd}", self.pod_netns(key)))
+    }
+
+    pub fn pod_exec_out(&self, key: &str, cmd: &str) -> Output {
+        sh_out(&format!("ip netns exec {} {cmd}", self.pod_netns(key)))
+    }
+
+    /// `ocelot-dataplane <sub> -o json` against a node's dataplane.
+    pub fn dataplane(&self, node: &str, sub: &str) -> serde_json::Value {
+        let socket = self.run_dir.0.join(&self.name).join("nodes").join(node).join("dp.sock");
+        let out = self.node_exec(
+            node,
+            &format!(
+                "{} {sub} -o json --socket {}",
+                bin("ocelot-dataplane").display(),
+                socket.display()
+            ),
+        );
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{sub} JSON: {e}: {out}"))
+    }
+
+    /// A node's dataplane counters (`ocelot-dataplane stats`).
+    pub fn stats(&self, node: &str) -> serde_json::Value {
+        self.dataplane(node, "stats")
+    }
+
+    /// A node's dataplane state (`ocelot-dataplane state`): endpoints, overlay.
+    pub fn state(&self, node: &str) -> serde_json::Value {
+        self.dataplane(node, "state")
+    }
+
+    /// What the lab left behind: namespaces, processes naming its run
+    /// directory, its directory.
+    pub fn leftovers(&self) -> Vec<String> {
+        let prefix = format!("ocl-{}-", self.name);
+        let mut left: Vec<String> = sh("ip netns list")
+            .lines()
+            .filter(|l| l.starts_with(&prefix))
+            .map(String::from)
+            .collect();
+        // Any process whose command line names this lab's directory.
+        let needle = self.run_dir.0.display().to_string();
+        for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            if pid != std::process::id() && String::from_utf8_lossy(&cmd).contains(&needle) {
+                left.push(format!(
+                    "process {pid}: {}",
+                    String::from_utf8_lossy(&cmd).replace('\0', " ")
+                ));
+            }
+        }
+        let dir = self.run_dir.0.join(&self.name);
+        if dir.exists() {
+            left.push(format!("directory {}", dir.display()));
+        }
+        left
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = sh_out(&format!(
+            "{} lab down --name {} --run-dir {}",
+            bin("ocelot").display(),
+            self.name,
+            self.run_dir.0.display()
+        ));
     }
 }

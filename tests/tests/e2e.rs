@@ -205,6 +205,9 @@ mod agent;
 #[path = "e2e/lab.rs"]
 mod lab;
 
+#[path = "e2e/overlay.rs"]
+mod overlay;
+
 /// Two workers: ports are spread over them, and frames received by the
 /// worker that does not own their flow are handed to the one that does.
 #[test]

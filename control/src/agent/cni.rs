@@ -204,6 +204,11 @@ fn add(agent: &Agent, req: &CniRequest) -> CniResponse {
     };
     let handle = handle_of(req);
     let ep_name = endpoint_name(&handle);
+    // The automatic MTU comes with the overlay, which connecting to the
+    // dataplane brings: connect first, or the first pod gets 1500.
+    if agent.auto_mtu().is_none() {
+        agent.ensure_dataplane();
+    }
     let mtu = mtu(agent, req);
     let alloc = Allocation {
         handle: handle.clone(),
@@ -252,7 +257,7 @@ fn add(agent: &Agent, req: &CniRequest) -> CniResponse {
         ips: allocated.ips.clone(),
         mtu,
     };
-    let mac = match agent.dataplane.call(DpRequest::AddEndpoint { endpoint: spec }) {
+    let mac = match agent.dataplane_call(DpRequest::AddEndpoint { endpoint: spec }) {
         Ok(Reply::Endpoint { endpoint }) => endpoint.mac,
         Ok(other) => {
             return undo(format!("unexpected dataplane reply {other:?}"), codes::DATAPLANE)
@@ -313,7 +318,7 @@ fn del(agent: &Agent, req: &CniRequest) -> CniResponse {
     // removes the endpoint because IPAM no longer lists it.
     if agent.ensure_dataplane() {
         if let Err(e) =
-            agent.dataplane.call(DpRequest::RemoveEndpoint { name: endpoint_name(&handle) })
+            agent.dataplane_call(DpRequest::RemoveEndpoint { name: endpoint_name(&handle) })
         {
             tracing::warn!(%handle, "dataplane remove: {e}");
         }

@@ -256,6 +256,23 @@ impl Agent {
         }
     }
 
+    /// One request to the dataplane. A connection found dead (the dataplane
+    /// restarted since the last request) is re-made, with its full sync,
+    /// and the request sent once more, rather than failing a pod's ADD.
+    pub fn dataplane_call(
+        &self,
+        req: Request,
+    ) -> Result<Reply, ocelot_dataplane::api::client::ClientError> {
+        use ocelot_dataplane::api::client::ClientError;
+        match self.dataplane.call(req.clone()) {
+            Err(ClientError::Io(_) | ClientError::Protocol(_)) if self.ensure_dataplane() => {
+                tracing::info!("dataplane connection was stale; reconnected");
+                self.dataplane.call(req)
+            }
+            r => r,
+        }
+    }
+
     /// Push the full state now (after a datastore change).
     pub fn resync(&self) {
         self.dataplane.reset();

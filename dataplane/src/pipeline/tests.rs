@@ -588,6 +588,52 @@ mod overlay {
         }
     }
 
+    /// A TCP segment from a kernel VTEP whose checksum offload never ran:
+    /// the field holds the pseudo-header sum.
+    fn partial_tcp(dst: &str) -> Vec<u8> {
+        let mut v = Vec::new();
+        PacketBuilder::ethernet2(PEER_VTEP.0, OUR_VTEP.0)
+            .ipv4(ip("10.65.1.5").octets(), ip(dst).octets(), 64)
+            .tcp(40000, 80, 1, 1000)
+            .syn()
+            .write(&mut v, b"")
+            .unwrap();
+        let tcp_len = (v.len() - ETH_LEN - 20) as u32;
+        let acc = csum::sum(&v[ETH_LEN + 12..ETH_LEN + 20], 0) + 6 + tcp_len;
+        let pseudo = csum::fold(acc);
+        v[ETH_LEN + 36..ETH_LEN + 38].copy_from_slice(&pseudo.to_be_bytes());
+        v
+    }
+
+    #[test]
+    fn partial_checksums_from_kernel_vteps_are_passed_on_as_partial() {
+        let t = tables();
+        let inner = partial_tcp("10.65.0.3");
+        let (v, f) = run_meta(&t, VX, &vxlan_payload(4096, &inner), Some(peer()));
+        assert_eq!(v, Verdict::Tx(B));
+        assert!(f.vnet.needs_csum());
+        assert_eq!((f.vnet.csum_start, f.vnet.csum_offset), (34, 16));
+        // Finishing it gives a valid segment.
+        let mut d = f.data().to_vec();
+        let mut vn = f.vnet;
+        csum::finish_partial(&mut d, &mut vn).unwrap();
+        let p = etherparse::SlicedPacket::from_ethernet(&d).unwrap();
+        let Some(etherparse::TransportSlice::Tcp(tcp)) = p.transport else { panic!() };
+        let Some(etherparse::NetSlice::Ipv4(ip4)) = p.net else { panic!() };
+        let want = tcp.to_header().calc_checksum_ipv4(&ip4.header().to_header(), &[]).unwrap();
+        assert_eq!(tcp.checksum(), want);
+        // A complete checksum is left alone.
+        let mut good = Vec::new();
+        PacketBuilder::ethernet2(PEER_VTEP.0, OUR_VTEP.0)
+            .ipv4(ip("10.65.1.5").octets(), ip("10.65.0.3").octets(), 64)
+            .tcp(40000, 80, 1, 1000)
+            .syn()
+            .write(&mut good, b"")
+            .unwrap();
+        let (_, f) = run_meta(&t, VX, &vxlan_payload(4096, &good), Some(peer()));
+        assert!(!f.vnet.needs_csum());
+    }
+
     #[test]
     fn flow_owner_is_the_same_inside_and_outside_the_tunnel() {
         let ab = udp(MAC_A, GW, "10.65.0.2", "10.65.1.5", 64, b"x");

@@ -9,6 +9,7 @@
 
 use super::{ipv4, Ctx, Verdict, ETHERTYPE_IPV4, ETH_LEN};
 use crate::counters::DropReason;
+use crate::csum;
 use crate::frame::Frame;
 use crate::tables::{Encap, Hop, PortKind};
 use crate::wire::{vxlan, MacAddr};
@@ -57,7 +58,8 @@ pub(super) fn receive(ctx: &Ctx<'_>, encap: Encap, f: &mut Frame) -> Verdict {
             let hl = h.slice().len();
             let inner_len = usize::from(h.total_len()) - hl;
             f.pull(hl);
-            if !f.resize(inner_len) {
+            // IP in IP carries IPv4 only.
+            if !f.resize(inner_len) || f.data().first().map(|b| b >> 4) != Some(4) {
                 return Verdict::Drop(DropReason::TunnelMalformed);
             }
             let Some(eth) = f.push(ETH_LEN) else {
@@ -79,5 +81,44 @@ pub(super) fn receive(ctx: &Ctx<'_>, encap: Encap, f: &mut Frame) -> Verdict {
         Hop::Local(p) if ctx.tables.port(p).is_some_and(|e| e.kind == PortKind::Pod) => {}
         _ => return Verdict::Drop(DropReason::TunnelNotLocal),
     }
+    mark_partial_checksum(f);
     ipv4::forward(ctx, f)
+}
+
+/// A kernel VTEP whose device offloads checksums, on a virtual underlay
+/// (veth), sends inner TCP/UDP packets whose checksum field still holds
+/// only the pseudo-header sum: the offload was never carried out, and the
+/// kernel's own VXLAN receiver knows that from the packet's metadata, which
+/// a socket does not hand us. Such a packet is recognised by exactly that
+/// field value and passed on marked as partial (`NEEDS_CSUM`), as the
+/// sending kernel meant it; the pod's kernel then treats it as the sender's
+/// own kernel would have. Any other value is left alone (a wrong checksum
+/// is the receiver's to drop).
+fn mark_partial_checksum(f: &mut Frame) {
+    use crate::wire::vnet::F_NEEDS_CSUM;
+    let d = f.data();
+    if f.vnet.needs_csum() || d.len() < ETH_LEN + 20 {
+        return;
+    }
+    let ip = &d[ETH_LEN..];
+    let hl = usize::from(ip[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    // Not for fragments: the checksum covers the whole datagram.
+    if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 || hl < 20 || total > ip.len() {
+        return;
+    }
+    let field = match ip[9] {
+        6 => 16,
+        17 => 6,
+        _ => return,
+    };
+    let Some(c) = ip.get(hl + field..hl + field + 2) else { return };
+    let c = u16::from_be_bytes([c[0], c[1]]);
+    let l4_len = total.saturating_sub(hl) as u32;
+    let acc = csum::sum(&ip[12..20], 0) + u32::from(ip[9]) + l4_len;
+    if c != 0 && c == csum::fold(acc) {
+        f.vnet.flags |= F_NEEDS_CSUM;
+        f.vnet.csum_start = (ETH_LEN + hl) as u16;
+        f.vnet.csum_offset = field as u16;
+    }
 }
