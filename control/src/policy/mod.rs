@@ -3,6 +3,7 @@
 //! from the upstream API documentation and checked against the upstream e2e
 //! truth tables. The dataplane's compiled form must agree with it.
 
+pub mod calc;
 pub mod eval;
 
 use serde::{Deserialize, Serialize};
