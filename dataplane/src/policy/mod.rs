@@ -4,6 +4,7 @@
 //! with the number of rules or addresses.
 
 pub mod classify;
+pub mod conntrack;
 
 use crate::api::Cidr;
 use serde::{Deserialize, Serialize};
