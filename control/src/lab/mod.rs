@@ -30,6 +30,7 @@ pub mod node;
 pub mod pod;
 pub mod probe;
 pub mod sctp;
+pub mod sctp_wire;
 pub mod serve;
 pub mod state;
 pub mod sys;

@@ -5,8 +5,13 @@
 //! each thread enters the source pod's network namespace (`setns` changes
 //! only that thread) before it opens its socket. A probe counts as
 //! reachable only when the answer names the pod it was sent to.
+//!
+//! SCTP goes through the kernel where it has SCTP; elsewhere through the
+//! user-space exchange of `sctp.rs` (INIT out, INIT ACK back with the pod's
+//! name in its State Cookie, then ABORT), judged the same way, and the
+//! matrix says so in its note.
 
-use crate::lab::sctp;
+use crate::lab::sctp::{self, RawOutcome};
 use serde_json::{json, Map, Value};
 use std::fmt;
 use std::fs::File;
@@ -252,19 +257,24 @@ pub fn run_many(peers: &[Peer], ports: &[(u16, Protocol)], timeout: Duration) ->
                         .collect()
                 })
                 .collect();
-            let no_sctp = protocol == Protocol::Sctp
-                && n > 0
-                && cells
-                    .iter()
-                    .flatten()
-                    .all(|c| matches!(c, Outcome::Error(e) if e == sctp::UNAVAILABLE));
-            Matrix {
-                port,
-                protocol,
-                pods: keys.clone(),
-                cells,
-                note: no_sctp.then(|| sctp::UNAVAILABLE.to_string()),
-            }
+            let note = if protocol != Protocol::Sctp || n == 0 {
+                None
+            } else if cells
+                .iter()
+                .flatten()
+                .all(|c| matches!(c, Outcome::Error(e) if e.starts_with(sctp::UNAVAILABLE)))
+            {
+                // No kernel SCTP, and no user-space fallback either.
+                match &cells[0][0] {
+                    Outcome::Error(e) => Some(e.clone()),
+                    _ => None,
+                }
+            } else if !sctp::kernel_available() {
+                Some(sctp::USER_SPACE.to_string())
+            } else {
+                None
+            };
+            Matrix { port, protocol, pods: keys.clone(), cells, note }
         })
         .collect()
 }
@@ -306,9 +316,14 @@ pub fn probe_one(to: SocketAddr, proto: Protocol, expected: &str, timeout: Durat
             read_answer(&mut c, expected)
         }
         Protocol::Sctp => {
+            if !sctp::kernel_available() {
+                return probe_sctp_user_space(to, expected, timeout);
+            }
             let mut c = match sctp::connect(to, timeout) {
                 Ok(c) => c,
-                Err(e) if sctp::unavailable(&e) => return Outcome::Error(sctp::UNAVAILABLE.into()),
+                Err(e) if sctp::unavailable(&e) => {
+                    return probe_sctp_user_space(to, expected, left())
+                }
                 Err(e) => return Outcome::Blocked(e.to_string()),
             };
             read_answer(&mut c, expected)
@@ -349,6 +364,25 @@ pub fn probe_one(to: SocketAddr, proto: Protocol, expected: &str, timeout: Durat
                 }
             }
             Outcome::Blocked(last)
+        }
+    }
+}
+
+/// SCTP without kernel SCTP: the State Cookie of the INIT ACK is the
+/// answer; an ABORT is a refusal, as a reset is for TCP.
+fn probe_sctp_user_space(to: SocketAddr, expected: &str, timeout: Duration) -> Outcome {
+    let SocketAddr::V4(to) = to else {
+        return Outcome::Error(format!(
+            "{}; the user-space fallback is IPv4 only",
+            sctp::UNAVAILABLE
+        ));
+    };
+    match sctp::probe_raw(to, timeout) {
+        Ok(RawOutcome::Answered(cookie)) => judge(&cookie, expected),
+        Ok(RawOutcome::Aborted) => Outcome::Blocked("aborted by the peer".into()),
+        Ok(RawOutcome::NoAnswer(why)) => Outcome::Blocked(why),
+        Err(e) => {
+            Outcome::Error(format!("{}; user-space fallback: raw socket: {e}", sctp::UNAVAILABLE))
         }
     }
 }
@@ -498,5 +532,35 @@ mod tests {
         let sym: Vec<String> =
             mx.cells.iter().map(|r| r.iter().map(Outcome::symbol).collect()).collect();
         assert_eq!(sym, [".!?", ".!?", "???"]);
+    }
+
+    #[test]
+    fn sctp_in_user_space() {
+        // Without kernel SCTP: a responder in a scratch namespace, probed
+        // as the lab probes, one by one and as a matrix.
+        crate::lab::sctp::tests::in_scratch_netns(|| {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let r = crate::lab::sctp::tests::responder(&[80], "p/one\n", &stop);
+            let to = SocketAddr::from(([127, 0, 0, 1], 80));
+            let t = Duration::from_millis(600);
+            assert_eq!(probe_one(to, Protocol::Sctp, "p/one", t), Outcome::Reached);
+            assert_eq!(probe_one(to, Protocol::Sctp, "p/two", t), Outcome::Wrong("p/one".into()));
+            let t0 = Instant::now();
+            let off = SocketAddr::from(([127, 0, 0, 1], 81));
+            assert!(matches!(probe_one(off, Protocol::Sctp, "p/one", t), Outcome::Blocked(_)));
+            assert!(t0.elapsed() < Duration::from_secs(2));
+            let me = PathBuf::from("/proc/thread-self/ns/net");
+            let peers = vec![
+                Peer { key: "p/one".into(), netns: me.clone(), ip: Some([127, 0, 0, 1].into()) },
+                Peer { key: "p/two".into(), netns: me, ip: Some([127, 0, 0, 1].into()) },
+            ];
+            let ms = run_many(&peers, &[(80, Protocol::Sctp)], t);
+            let sym: Vec<String> =
+                ms[0].cells.iter().map(|r| r.iter().map(Outcome::symbol).collect()).collect();
+            assert_eq!(sym, [".!", ".!"]);
+            assert_eq!(ms[0].note.as_deref(), Some(sctp::USER_SPACE));
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            r.join().unwrap();
+        });
     }
 }

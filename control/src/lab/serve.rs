@@ -2,6 +2,11 @@
 //! upstream network-policy tests. On each port it answers with the pod's
 //! name (`namespace/name`, one line): TCP and SCTP on connect, UDP to any
 //! datagram. Started by the lab inside the pod's namespace.
+//!
+//! Where the kernel has no SCTP, one user-space responder (`sctp.rs`)
+//! serves every SCTP port: it answers an INIT with an INIT ACK whose State
+//! Cookie carries the name, which is all a probe needs. The ready file and
+//! the log say so.
 
 use crate::lab::probe::Protocol;
 use crate::lab::sctp;
@@ -37,7 +42,13 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     let mut served = 0;
     let mut failed = Vec::new();
     let mut threads = Vec::new();
+    // SCTP ports the kernel cannot serve: the user-space responder's.
+    let mut user_space = Vec::new();
     for (port, proto) in &a.ports {
+        if *proto == Protocol::Sctp && !sctp::kernel_available() {
+            user_space.push(*port);
+            continue;
+        }
         let answer = answer.clone();
         let r = match proto {
             Protocol::Tcp => tcp(*port).map(|l| {
@@ -55,18 +66,40 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
                 served += 1;
                 eprintln!("serving {port}/{proto} as {}", a.pod);
             }
-            Err(e) if *proto == Protocol::Sctp && sctp::unavailable(&e) => {
-                eprintln!("not serving {port}/SCTP: {}", sctp::UNAVAILABLE);
-                failed.push(format!("{port}/SCTP: {}", sctp::UNAVAILABLE));
-            }
+            Err(e) if *proto == Protocol::Sctp && sctp::unavailable(&e) => user_space.push(*port),
             Err(e) => {
                 eprintln!("not serving {port}/{proto}: {e}");
                 failed.push(format!("{port}/{proto}: {e}"));
             }
         }
     }
+    // Said in the ready file too, so `lab up` shows it (anything but "ok"
+    // there is printed as a warning); the ports are served all the same.
+    let mut notes = Vec::new();
+    if !user_space.is_empty() {
+        let list = user_space.iter().map(|p| format!("{p}/SCTP")).collect::<Vec<_>>().join(" ");
+        match sctp::Responder::open(user_space.iter().copied(), answer.as_bytes()) {
+            Ok(r) => {
+                threads.push(std::thread::spawn(move || r.run()));
+                served += user_space.len();
+                let how = "the user-space SCTP responder (INIT answered with INIT ACK over \
+                           a raw socket): this kernel has no SCTP";
+                eprintln!("serving {list} as {} by {how}", a.pod);
+                notes.push(format!("{list}: served by {how}"));
+            }
+            Err(e) => {
+                let why = format!("{}; user-space responder: raw socket: {e}", sctp::UNAVAILABLE);
+                eprintln!("not serving {list}: {why}");
+                failed.push(format!("{list}: {why}"));
+            }
+        }
+    }
     if let Some(f) = &a.ready_file {
-        let text = if failed.is_empty() { "ok\n".to_string() } else { failed.join("\n") + "\n" };
+        let text = if failed.is_empty() && notes.is_empty() {
+            "ok\n".to_string()
+        } else {
+            failed.iter().chain(&notes).map(|l| format!("{l}\n")).collect()
+        };
         std::fs::write(f, text)?;
     }
     if served == 0 && !a.ports.is_empty() {
