@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-PACKAGES=(iproute2 iputils-ping iperf3 python3 sockperf containernetworking-plugins iptables netcat-openbsd ethtool)
+PACKAGES=(iproute2 iputils-ping iperf3 python3 sockperf containernetworking-plugins iptables netcat-openbsd ethtool clang libbpf-dev bpftool)
 
 install_deps() {
     local missing=()

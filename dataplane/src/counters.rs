@@ -52,6 +52,12 @@ drop_reasons! {
     TunnelWrongVni = "tunnel_wrong_vni": "VXLAN packet with a VNI other than ours",
     TunnelNotLocal = "tunnel_not_local": "decapsulated packet not for a pod on this node (never relayed)",
     NoOverlay = "no_overlay": "route to another node, but the overlay (tunnel port) is not set up",
+    PolicyIngress = "policy_ingress": "denied by the receiving endpoint's NetworkPolicy (ingress)",
+    PolicyEgress = "policy_egress": "denied by the sending endpoint's NetworkPolicy (egress)",
+    ConntrackFull = "conntrack_full": "a new flow found the connection-tracking table full",
+    Spoofed = "spoofed": "a pod sent from an address or MAC that is not its own",
+    UplinkMalformed = "uplink_malformed": "frame from the AF_XDP uplink with a bad outer Ethernet/IPv4/UDP header (checksum, lengths, not for this node)",
+    UplinkRxDropped = "uplink_rx_dropped": "frames the kernel could not hand to the AF_XDP socket (receive ring full, no free buffer, too long)",
 }
 
 /// Counters of one port. Written by workers (once per batch), read by the API.

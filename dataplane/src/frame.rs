@@ -19,6 +19,10 @@ pub struct Meta {
     pub peer: Option<std::net::Ipv4Addr>,
     /// A hash of the inner flow (for the outer UDP source port).
     pub flow_hash: u32,
+    /// The encapsulation of a tunnel frame: set by the pipeline when it
+    /// routes a frame into a tunnel, and by the AF_XDP uplink port on
+    /// receive. A port that carries one encapsulation only ignores it.
+    pub encap: Option<crate::tables::Encap>,
 }
 
 /// One frame and its offload metadata.

@@ -199,6 +199,81 @@ impl Plan {
     }
 }
 
+/// Room for one packet's rewritten headers (see [`Wire`]).
+pub const SLOT: usize = 192;
+
+/// A frame as the packets it puts on the wire, without copying payloads:
+/// a plain frame is one packet as it is; a frame with a partial checksum
+/// gets its headers (up to the checksum field) rewritten with the checksum
+/// finished; a TCP/IPv4 GSO frame becomes its segments, each a rewritten
+/// header and a slice of the frame's payload. The ports that build packets
+/// themselves (the tunnel sockets' scatter-gather, the AF_XDP uplink's
+/// buffers) share it.
+pub enum Wire {
+    Plain,
+    Partial { field_end: usize, start: usize },
+    Gso(Plan),
+}
+
+impl Wire {
+    /// How `f` goes on the wire; `None` for what no port built on this can
+    /// carry (GSO other than TCP/IPv4, inconsistent offsets, headers longer
+    /// than [`SLOT`]).
+    pub fn of(f: &Frame) -> Option<Wire> {
+        let v = &f.vnet;
+        if v.is_gso() {
+            if v.gso_type != GsoType::TcpV4 {
+                return None;
+            }
+            let plan = Plan::new(f).ok()?;
+            return (plan.header_len() <= SLOT).then_some(Wire::Gso(plan));
+        }
+        if v.needs_csum() {
+            let start = usize::from(v.csum_start);
+            let field_end = start + usize::from(v.csum_offset) + 2;
+            if field_end > f.len() || field_end > SLOT || (field_end - start) % 2 != 0 {
+                return None;
+            }
+            return Some(Wire::Partial { field_end, start });
+        }
+        Some(Wire::Plain)
+    }
+
+    /// Number of packets.
+    pub fn count(&self) -> usize {
+        match self {
+            Wire::Gso(p) => p.count(),
+            _ => 1,
+        }
+    }
+
+    /// Packet `i`'s shape: the length of its (rewritten) headers, and the
+    /// range of the frame that follows them. Packet 0 is the longest.
+    pub fn shape(&self, f: &Frame, i: usize) -> (usize, std::ops::Range<usize>) {
+        match self {
+            Wire::Plain => (0, 0..f.len()),
+            Wire::Partial { field_end, .. } => (*field_end, *field_end..f.len()),
+            Wire::Gso(plan) => (plan.header_len(), plan.payload(f, i)),
+        }
+    }
+
+    /// Write packet `i`'s headers into `slot` (at least the length
+    /// [`Wire::shape`] gives).
+    pub fn write(&self, f: &Frame, i: usize, slot: &mut [u8]) {
+        match self {
+            Wire::Plain => {}
+            Wire::Partial { field_end, start } => {
+                let d = f.data();
+                slot[..*field_end].copy_from_slice(&d[..*field_end]);
+                let acc = csum::sum(&slot[*start..*field_end], 0);
+                let c = !csum::fold(csum::sum(&d[*field_end..], acc));
+                slot[field_end - 2..*field_end].copy_from_slice(&c.to_be_bytes());
+            }
+            Wire::Gso(plan) => plan.headers(f, i, slot),
+        }
+    }
+}
+
 /// Cut GSO frame `f` into complete segments appended to `out`.
 pub fn segment(f: &Frame, out: &mut Vec<Frame>) -> Result<(), GsoError> {
     let plan = Plan::new(f)?;

@@ -184,10 +184,11 @@ fn run(a: RunArgs) -> Res {
         pools: a.pools,
     })?;
     let engine = Arc::new(Mutex::new(engine));
-    ocelot_dataplane::api::server::serve(&a.socket, engine)?;
+    ocelot_dataplane::api::server::serve(&a.socket, engine.clone())?;
     // Exit cleanly on SIGTERM/SIGINT; the pods' TAPs persist either way.
     ocelot_dataplane::sys::signals::wait(&set);
     tracing::info!("stopping; pod interfaces stay for the next start");
+    engine.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
     Ok(())
 }
 
@@ -218,6 +219,7 @@ fn stats(a: ClientArgs) -> Res {
                 ocelot_dataplane::tables::Encap::Ipip => "ipip",
                 ocelot_dataplane::tables::Encap::Native => "native",
             },
+            ocelot_dataplane::tables::PortKind::Uplink => "uplink",
         };
         println!(
             "{:<5} {:<16} {:<6} {:>12} {:>14} {:>12} {:>14}  {}",
@@ -312,6 +314,7 @@ fn state(a: ClientArgs) -> Res {
             o.vxlan_mtu,
             o.ipip_mtu
         );
+        println!("uplink mode: {} (asked: {})", o.uplink_mode, o.spec.uplink_mode);
         println!("{:<16} {:<16} {:<18}", "NODE", "ADDRESS", "VTEP MAC");
         for n in &o.spec.nodes {
             println!("{:<16} {:<16} {:<18}", n.name, n.ip.to_string(), n.vtep_mac.to_string());

@@ -113,6 +113,7 @@ mod tests {
                     node: "node-2".into(),
                     encap: crate::tables::Encap::Vxlan,
                 }],
+                uplink_mode: crate::api::UplinkMode::Socket,
             }),
         };
         sd.save(&s).unwrap();

@@ -340,7 +340,7 @@ impl Worker {
         };
         let mut kept = 0;
         for i in 0..n {
-            let owner = flow::owner(self.s.frames[i].data(), &kind, self.n);
+            let owner = flow::owner_of(&self.s.frames[i], &kind, self.n);
             if owner == self.id {
                 self.s.frames.swap(kept, i);
                 kept += 1;

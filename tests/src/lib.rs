@@ -597,3 +597,89 @@ impl Drop for Lab {
         ));
     }
 }
+
+/// Lab commands whose failure the caller reports rather than panics on,
+/// and probes of several ports at once.
+impl Lab {
+    /// `ocelot lab <sub> --name .. --run-dir .. <rest>`: its output (stdout
+    /// and stderr), or, when it fails, an error that includes it.
+    pub fn try_ocelot(&self, args: &str) -> Result<String, String> {
+        let (sub, rest) = args.split_once(' ').unwrap_or((args, ""));
+        let cmd = format!(
+            "{} lab {sub} --name {} --run-dir {} {rest} 2>&1",
+            bin("ocelot").display(),
+            self.name,
+            self.run_dir.0.display()
+        );
+        let out = sh_out(&cmd);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            Ok(text)
+        } else {
+            Err(format!("`ocelot lab {sub}` failed ({}):\n{text}", out.status))
+        }
+    }
+
+    /// `ocelot lab apply` of YAML text; the error names what went wrong.
+    pub fn try_apply(&self, yaml: &str) -> Result<(), String> {
+        let file = self.input(yaml);
+        self.try_ocelot(&format!("apply -f {}", file.display())).map(drop)
+    }
+
+    /// `ocelot lab delete` of YAML text (pods get CNI DEL; other objects
+    /// leave the datastore).
+    pub fn try_delete(&self, yaml: &str) -> Result<(), String> {
+        let file = self.input(yaml);
+        self.try_ocelot(&format!("delete -f {}", file.display())).map(drop)
+    }
+
+    /// Probe several (port, protocol) pairs at once: one `ocelot lab probe`
+    /// per pair, all running concurrently. Each pair's answer is its JSON
+    /// object, `{"port", "protocol", "matrix": {"ns/from": {"ns/to": bool}},
+    /// "note"?}`, or why there is none.
+    pub fn probe_many(
+        &self,
+        targets: &[(u16, &str)],
+        timeout_ms: u64,
+    ) -> Vec<Result<serde_json::Value, String>> {
+        let children: Vec<Result<Child, String>> = targets
+            .iter()
+            .map(|(port, proto)| {
+                Command::new(bin("ocelot"))
+                    .args(["lab", "probe", "--name", &self.name, "--run-dir"])
+                    .arg(&self.run_dir.0)
+                    .args(["--port", &port.to_string(), "--protocol", proto, "-o", "json"])
+                    .args(["--timeout-ms", &timeout_ms.to_string()])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .map_err(|e| format!("spawning ocelot lab probe: {e}"))
+            })
+            .collect();
+        children
+            .into_iter()
+            .map(|child| {
+                let out =
+                    child?.wait_with_output().map_err(|e| format!("ocelot lab probe: {e}"))?;
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                if !out.status.success() {
+                    return Err(format!(
+                        "ocelot lab probe failed ({}): {}{}",
+                        out.status,
+                        stdout,
+                        String::from_utf8_lossy(&out.stderr)
+                    ));
+                }
+                let all: serde_json::Value = serde_json::from_str(&stdout)
+                    .map_err(|e| format!("probe JSON: {e}: {stdout}"))?;
+                all.get(0).cloned().ok_or_else(|| format!("probe JSON holds no matrix: {stdout}"))
+            })
+            .collect()
+    }
+
+    /// A node's directory: its sockets, `agent.log`, `dataplane.log`.
+    pub fn node_dir(&self, node: &str) -> PathBuf {
+        self.run_dir.0.join(&self.name).join("nodes").join(node)
+    }
+}

@@ -208,6 +208,9 @@ mod lab;
 #[path = "e2e/overlay.rs"]
 mod overlay;
 
+#[path = "e2e/xdp.rs"]
+mod xdp;
+
 /// Two workers: ports are spread over them, and frames received by the
 /// worker that does not own their flow are handed to the one that does.
 #[test]

@@ -57,6 +57,13 @@ pub struct AgentArgs {
     /// the encapsulation in use (50 VXLAN, 20 IPIP) unless --mtu is set.
     #[arg(long, default_value_t = 0)]
     pub uplink_mtu: u32,
+    /// How tunnel traffic crosses the uplink: `xdp` (an XDP program hands
+    /// this node's VXLAN/IPIP packets to the dataplane through AF_XDP; an
+    /// error when it cannot attach), `socket` (the kernel's UDP and raw
+    /// sockets, no XDP; the default: faster on virtual uplinks, see
+    /// perf/README.md) or `auto` (XDP when it attaches, else sockets).
+    #[arg(long, env = "OCELOT_UPLINK_MODE", default_value = "socket")]
+    pub uplink_mode: ocelot_dataplane::api::UplinkMode,
 }
 
 /// Attribute keys stored with each allocation, to rebuild endpoints.
@@ -144,6 +151,7 @@ impl Agent {
             vni: self.args.vxlan_vni,
             vxlan_port: self.args.vxlan_port,
             uplink_mtu: self.args.uplink_mtu,
+            uplink_mode: self.args.uplink_mode,
         };
         let spec = match overlay::compute(&cluster, &ipam, &self.node, prefix, &settings) {
             Ok(s) => s,

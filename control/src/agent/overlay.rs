@@ -12,7 +12,7 @@
 use crate::datastore::Cluster;
 use crate::ipam::{contains, IpamState};
 use crate::model::{EncapMode, IpPool, Node};
-use ocelot_dataplane::api::{Cidr, OverlaySpec, RemoteNodeSpec, RemoteRoute};
+use ocelot_dataplane::api::{Cidr, OverlaySpec, RemoteNodeSpec, RemoteRoute, UplinkMode};
 use ocelot_dataplane::tables::Encap;
 use ocelot_dataplane::wire::MacAddr;
 use std::collections::BTreeMap;
@@ -28,6 +28,8 @@ pub struct Settings {
     pub vxlan_port: u16,
     /// 0: read the uplink's.
     pub uplink_mtu: u32,
+    /// AF_XDP, the kernel's sockets, or AF_XDP when it can attach.
+    pub uplink_mode: UplinkMode,
 }
 
 /// A node's underlay address (its IPv4 `InternalIP`).
@@ -154,6 +156,7 @@ pub fn compute(
         uplink_mtu: settings.uplink_mtu,
         nodes,
         routes,
+        uplink_mode: settings.uplink_mode,
     })
 }
 
@@ -249,7 +252,7 @@ metadata: {name: ghost}
     }
 
     fn settings() -> Settings {
-        Settings { vni: 4096, vxlan_port: 4789, uplink_mtu: 0 }
+        Settings { vni: 4096, vxlan_port: 4789, uplink_mtu: 0, uplink_mode: UplinkMode::Auto }
     }
 
     #[test]

@@ -373,6 +373,13 @@ impl Engine {
         EndpointStatus { spec: e.spec.clone(), port: e.port, worker: e.worker, mac: e.mac }
     }
 
+    /// Before the process exits: detach the uplink's XDP program (the
+    /// pods' TAPs persist). A `kill -9` skips this; the program goes with
+    /// the process anyway (see `port::xdp::program`).
+    pub fn shutdown(&mut self) {
+        self.close_xdp();
+    }
+
     pub fn tables_version(&self) -> u64 {
         self.tables.load().version
     }

@@ -49,9 +49,16 @@ fn pair_hash(a: &[u8], b: &[u8]) -> u32 {
 /// meet on one worker, whether they cross a tunnel or not).
 #[inline]
 pub fn frame_hash(data: &[u8], kind: &PortKind) -> u32 {
-    match kind {
-        PortKind::Tunnel(Encap::Vxlan) => data.get(vxlan::HEADER_LEN..).map_or(0, symmetric_hash),
-        PortKind::Tunnel(Encap::Ipip) => {
+    encap_hash(data, kind.rx_encap(None))
+}
+
+/// The hash of the flow a frame carries that arrived in `encap` (`None`:
+/// a plain frame).
+#[inline]
+pub fn encap_hash(data: &[u8], encap: Option<Encap>) -> u32 {
+    match encap {
+        Some(Encap::Vxlan) => data.get(vxlan::HEADER_LEN..).map_or(0, symmetric_hash),
+        Some(Encap::Ipip) => {
             let hl = data.first().map_or(0, |b| usize::from(b & 0x0f) * 4);
             match data.get(hl + 12..hl + 20) {
                 Some(s) => pair_hash(&s[..4], &s[4..]),
@@ -70,5 +77,16 @@ pub fn owner(data: &[u8], kind: &PortKind, n: usize) -> usize {
         0
     } else {
         frame_hash(data, kind) as usize % n
+    }
+}
+
+/// [`owner`] for a received frame, whose metadata may name its
+/// encapsulation (frames from the AF_XDP uplink port do).
+#[inline]
+pub fn owner_of(f: &crate::frame::Frame, kind: &PortKind, n: usize) -> usize {
+    if n <= 1 {
+        0
+    } else {
+        encap_hash(f.data(), kind.rx_encap(f.meta.encap)) as usize % n
     }
 }

@@ -1,7 +1,8 @@
 //! IPv4 forwarding: validate, route by longest prefix, check the path MTU
 //! of a tunnel, decrement the TTL with an incremental checksum update,
 //! rewrite the Ethernet addresses (to the peer's, or to the VTEPs' for a
-//! tunnel) and, for a tunnel, name the underlay peer in the frame's meta.
+//! tunnel) and, for a tunnel, name the underlay peer and the encapsulation
+//! in the frame's meta.
 
 use super::{flow, icmp, set_macs, Ctx, Verdict, ETH_LEN};
 use crate::counters::DropReason;
@@ -50,9 +51,10 @@ pub(super) fn forward(ctx: &Ctx<'_>, f: &mut Frame) -> Verdict {
         }
         Hop::Remote { node, encap } => {
             let o = &t.overlay;
+            // With AF_XDP one uplink port carries both encapsulations.
             let (port, mtu) = match encap {
-                Encap::Vxlan => (o.vxlan_port, o.vxlan_mtu),
-                Encap::Ipip => (o.ipip_port, o.ipip_mtu),
+                Encap::Vxlan => (t.uplink_port.or(o.vxlan_port), o.vxlan_mtu),
+                Encap::Ipip => (t.uplink_port.or(o.ipip_port), o.ipip_mtu),
                 // The node's kernel routes it over the shared segment.
                 Encap::Native => (t.host_port, u16::MAX),
             };
@@ -88,7 +90,7 @@ pub(super) fn forward(ctx: &Ctx<'_>, f: &mut Frame) -> Verdict {
                     let peer_mac = t.port(out).map(|p| p.peer_mac).unwrap_or(t.gateway_mac);
                     (out, peer_mac, t.gateway_mac, None)
                 }
-                _ => (out, n.vtep_mac, o.vtep_mac, Some(n.ip)),
+                _ => (out, n.vtep_mac, o.vtep_mac, Some((n.ip, encap))),
             }
         }
         Hop::None => {
@@ -106,8 +108,9 @@ pub(super) fn forward(ctx: &Ctx<'_>, f: &mut Frame) -> Verdict {
             false => Verdict::Drop(DropReason::TtlExceeded),
         };
     }
-    if peer.is_some() {
-        f.meta.peer = peer;
+    if let Some((ip, encap)) = peer {
+        f.meta.peer = Some(ip);
+        f.meta.encap = Some(encap);
         f.meta.flow_hash = flow::symmetric_hash(f.data());
     }
     let data = f.data_mut();

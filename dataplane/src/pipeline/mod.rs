@@ -61,14 +61,14 @@ pub fn process(
     };
     let ctx =
         Ctx { tables, in_port, in_kind_host: tables.host_port == Some(in_port), in_ips: &port.ips };
-    let tunnel = match port.kind {
-        PortKind::Tunnel(e) => Some(e),
-        _ => None,
-    };
+    // Tunnel ports carry one encapsulation; the AF_XDP uplink port names
+    // each frame's own (a frame without one cannot be decapsulated).
+    let tunnel = matches!(port.kind, PortKind::Tunnel(_) | PortKind::Uplink);
     for f in frames.iter_mut() {
-        let v = match tunnel {
-            Some(e) => tunnel::receive(&ctx, e, f),
-            None => one(&ctx, f),
+        let v = match (tunnel, port.kind.rx_encap(f.meta.encap)) {
+            (true, Some(e)) => tunnel::receive(&ctx, e, f),
+            (true, None) => Verdict::Drop(DropReason::TunnelMalformed),
+            (false, _) => one(&ctx, f),
         };
         if let Verdict::Drop(r) | Verdict::Reply(_, r) = v {
             drops.bump(r);

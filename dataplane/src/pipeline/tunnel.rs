@@ -5,7 +5,9 @@
 //!
 //! What a tunnel port delivers (see `port::tunnel`): for VXLAN, the UDP
 //! payload (VXLAN header and inner Ethernet frame); for IPIP, the whole
-//! outer IPv4 packet. The sender's underlay address is in `meta.peer`.
+//! outer IPv4 packet. The sender's underlay address is in `meta.peer`. The
+//! AF_XDP uplink port (`port::xdp`) delivers the same, after checking and
+//! stripping the outer headers, with the encapsulation in `meta.encap`.
 
 use super::{ipv4, Ctx, Verdict, ETHERTYPE_IPV4, ETH_LEN};
 use crate::counters::DropReason;

@@ -269,9 +269,15 @@ impl Conntrack {
                 return false;
             }
         }
+        // A flow picked up mid-way (no bare SYN) is taken as established.
+        let state = if p.flags & SYN != 0 && p.flags & ACK == 0 {
+            TcpState::SynSent
+        } else {
+            TcpState::Established
+        };
         let mut e = Entry {
             opener_lo: src_lo,
-            tcp: tcp.then_some(TcpState::SynSent),
+            tcp: tcp.then_some(state),
             fin: (false, false),
             expires: 0,
             generation,

@@ -5,6 +5,7 @@
 
 pub mod classify;
 pub mod conntrack;
+pub mod filter;
 
 use crate::api::Cidr;
 use serde::{Deserialize, Serialize};

@@ -7,6 +7,7 @@
 pub mod memory;
 pub mod tap;
 pub mod tunnel;
+pub mod xdp;
 
 use crate::frame::Frame;
 use std::io;

@@ -26,9 +26,9 @@
 
 use super::{RxPort, TxCaps, TxError, TxOutcome, TxPort};
 use crate::frame::Frame;
+use crate::gso::{Wire, SLOT};
 use crate::pipeline::ETH_LEN;
-use crate::wire::{vxlan, GsoType};
-use crate::{csum, gso};
+use crate::wire::vxlan;
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -387,74 +387,6 @@ impl RxPort for VxlanRx {
 #[repr(C, align(8))]
 struct GsoCmsg([u8; 32]);
 
-/// Room for one packet's rewritten headers.
-const SLOT: usize = 192;
-
-/// A frame as the packets it puts on the wire, without copying payloads:
-/// a plain frame is one packet as it is; a frame with a partial checksum
-/// gets its headers (up to the checksum field) rewritten with the checksum
-/// finished; a TCP/IPv4 GSO frame becomes its segments, each a rewritten
-/// header and a slice of the frame's payload.
-enum Wire {
-    Plain,
-    Partial { field_end: usize, start: usize },
-    Gso(gso::Plan),
-}
-
-impl Wire {
-    fn of(f: &Frame) -> Option<Wire> {
-        let v = &f.vnet;
-        if v.is_gso() {
-            if v.gso_type != GsoType::TcpV4 {
-                return None;
-            }
-            let plan = gso::Plan::new(f).ok()?;
-            return (plan.header_len() <= SLOT).then_some(Wire::Gso(plan));
-        }
-        if v.needs_csum() {
-            let start = usize::from(v.csum_start);
-            let field_end = start + usize::from(v.csum_offset) + 2;
-            if field_end > f.len() || field_end > SLOT || (field_end - start) % 2 != 0 {
-                return None;
-            }
-            return Some(Wire::Partial { field_end, start });
-        }
-        Some(Wire::Plain)
-    }
-
-    fn count(&self) -> usize {
-        match self {
-            Wire::Gso(p) => p.count(),
-            _ => 1,
-        }
-    }
-
-    /// Packet `i`'s shape: the length of its (rewritten) headers, and the
-    /// range of the frame that follows them.
-    fn shape(&self, f: &Frame, i: usize) -> (usize, std::ops::Range<usize>) {
-        match self {
-            Wire::Plain => (0, 0..f.len()),
-            Wire::Partial { field_end, .. } => (*field_end, *field_end..f.len()),
-            Wire::Gso(plan) => (plan.header_len(), plan.payload(f, i)),
-        }
-    }
-
-    /// Write packet `i`'s headers into `slot`.
-    fn write(&self, f: &Frame, i: usize, slot: &mut [u8]) {
-        match self {
-            Wire::Plain => {}
-            Wire::Partial { field_end, start } => {
-                let d = f.data();
-                slot[..*field_end].copy_from_slice(&d[..*field_end]);
-                let acc = csum::sum(&slot[*start..*field_end], 0);
-                let c = !csum::fold(csum::sum(&d[*field_end..], acc));
-                slot[field_end - 2..*field_end].copy_from_slice(&c.to_be_bytes());
-            }
-            Wire::Gso(plan) => plan.headers(f, i, slot),
-        }
-    }
-}
-
 /// Packets gathered for one `sendmsg` (UDP GSO) or one `sendmmsg`.
 struct Gather {
     slots: [[u8; SLOT]; MAX_GSO_SEGS],
@@ -800,6 +732,8 @@ mod tests {
     //! must hand them back one per frame, in order.
     use super::*;
     use crate::wire::vnet::F_NEEDS_CSUM;
+    use crate::wire::GsoType;
+    use crate::{csum, gso};
     use etherparse::PacketBuilder;
     use std::time::{Duration, Instant};
 

@@ -83,6 +83,9 @@ fn nl_err(ctx: impl std::fmt::Display, e: rtnetlink::Error) -> io::Error {
         rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::EEXIST => {
             io::ErrorKind::AlreadyExists
         }
+        rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::EBUSY => {
+            io::ErrorKind::ResourceBusy
+        }
         _ => io::ErrorKind::Other,
     };
     io::Error::new(kind, format!("{ctx}: {e}"))
@@ -318,5 +321,200 @@ fn route_msg(
             }
             b.build()
         }
+    })
+}
+
+/// A netlink connection kept for many requests, for a thread that asks
+/// often (the AF_XDP uplink's neighbour resolver): one runtime and one
+/// socket instead of a helper thread per request. It lives in the network
+/// namespace of the thread that creates it.
+pub struct Session {
+    rt: tokio::runtime::Runtime,
+    handle: Handle,
+}
+
+impl Session {
+    pub fn new() -> io::Result<Session> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
+        let handle = rt.block_on(async {
+            let (conn, handle, _) = rtnetlink::new_connection()?;
+            tokio::spawn(conn);
+            Ok::<_, io::Error>(handle)
+        })?;
+        Ok(Session { rt, handle })
+    }
+
+    /// Run one request (the connection makes progress while it runs).
+    pub fn run<T, F, Fut>(&self, f: F) -> T
+    where
+        F: FnOnce(Handle) -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
+        self.rt.block_on(f(self.handle.clone()))
+    }
+}
+
+/// The kernel's route to `dst`: its gateway (`None` when on-link) and its
+/// output interface.
+pub async fn route_to(h: Handle, dst: Ipv4Addr) -> io::Result<Option<(Option<Ipv4Addr>, u32)>> {
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+    use rtnetlink::packet_route::AddressFamily;
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = AddressFamily::Inet;
+    msg.header.destination_prefix_length = 32;
+    msg.attributes.push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+    let mut s = h.route().get(msg).execute();
+    let m = match s.try_next().await {
+        Ok(Some(m)) => m,
+        Ok(None) => return Ok(None),
+        Err(e) if is_missing(&e) => return Ok(None),
+        Err(e) => return Err(nl_err(format!("route to {dst}"), e)),
+    };
+    let mut gw = None;
+    let mut oif = None;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            _ => {}
+        }
+    }
+    Ok(oif.map(|i| (gw, i)))
+}
+
+/// A neighbour entry's state, as far as sending to it goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NeighState {
+    /// Confirmed recently, or configured (permanent, no ARP).
+    Valid,
+    /// Known but unconfirmed for a while (stale, delay, probe): usable, and
+    /// the kernel re-confirms it when asked.
+    Stale,
+    /// Being resolved, or resolution failed: no usable address.
+    Unresolved,
+}
+
+/// What the kernel's neighbour table says about `ip` on `ifindex`: its
+/// state and link-layer address, `None` when there is no entry.
+pub async fn neighbour(
+    h: Handle,
+    ifindex: u32,
+    ip: Ipv4Addr,
+) -> io::Result<Option<(NeighState, Option<MacAddr>)>> {
+    use rtnetlink::packet_route::neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourState,
+    };
+    use rtnetlink::packet_route::AddressFamily;
+    let mut s = h.neighbours().get().set_address_family(AddressFamily::Inet).execute();
+    while let Some(m) = s.try_next().await.map_err(|e| nl_err("list neighbours", e))? {
+        if m.header.ifindex != ifindex {
+            continue;
+        }
+        let mut dst = None;
+        let mut mac = None;
+        for a in &m.attributes {
+            match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => dst = Some(*d),
+                NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => {
+                    mac = Some(MacAddr([b[0], b[1], b[2], b[3], b[4], b[5]]))
+                }
+                _ => {}
+            }
+        }
+        if dst != Some(ip) {
+            continue;
+        }
+        let state = match m.header.state {
+            NeighbourState::Reachable | NeighbourState::Permanent | NeighbourState::Noarp => {
+                NeighState::Valid
+            }
+            NeighbourState::Stale | NeighbourState::Delay | NeighbourState::Probe => {
+                NeighState::Stale
+            }
+            _ => NeighState::Unresolved,
+        };
+        return Ok(Some((state, mac)));
+    }
+    Ok(None)
+}
+
+/// Ask the kernel to resolve `ip` on `ifindex`, or to re-confirm a stale
+/// entry, as if it were about to send to it (`NTF_USE`): an ARP request
+/// goes out, and the neighbour table has the answer shortly after.
+pub async fn neighbour_use(h: Handle, ifindex: u32, ip: Ipv4Addr) -> io::Result<()> {
+    use rtnetlink::packet_route::neighbour::{NeighbourFlags, NeighbourState};
+    h.neighbours()
+        .add(ifindex, IpAddr::V4(ip))
+        .state(NeighbourState::None)
+        .flags(NeighbourFlags::Use)
+        .replace()
+        .execute()
+        .await
+        .map_err(|e| nl_err(format!("resolve neighbour {ip}"), e))
+}
+
+/// An XDP program attached to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XdpAttachment {
+    pub prog_id: u32,
+    /// Attached in generic (SKB) mode rather than by the driver.
+    pub skb_mode: bool,
+}
+
+/// The XDP program attached to interface `ifindex` in the namespace at
+/// `netns`, if any.
+pub fn xdp_attached(netns: Option<&Path>, ifindex: u32) -> io::Result<Option<XdpAttachment>> {
+    with_handle(netns, move |h| async move {
+        use rtnetlink::packet_route::link::{LinkXdp, XdpAttached};
+        let mut s = h.link().get().match_index(ifindex).execute();
+        let m = match s.try_next().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(None),
+            Err(e) if is_missing(&e) => return Ok(None),
+            Err(e) => return Err(nl_err(format!("get link {ifindex}"), e)),
+        };
+        let mut mode = None;
+        let mut id = None;
+        for a in &m.attributes {
+            if let LinkAttribute::Xdp(xs) = a {
+                for x in xs {
+                    match x {
+                        LinkXdp::Attached(XdpAttached::None) => {}
+                        LinkXdp::Attached(att) => mode = Some(*att),
+                        LinkXdp::ProgId(p) | LinkXdp::DrvProgId(p) | LinkXdp::SkbProgId(p) => {
+                            id = id.or(Some(*p))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(match (mode, id) {
+            (Some(m), Some(prog_id)) if prog_id != 0 => {
+                Some(XdpAttachment { prog_id, skb_mode: m == XdpAttached::SocketBuffer })
+            }
+            _ => None,
+        })
+    })
+}
+
+/// Detach the XDP program attached (through netlink, not a BPF link) to
+/// interface `ifindex` in the given mode.
+pub fn xdp_detach(netns: Option<&Path>, ifindex: u32, skb_mode: bool) -> io::Result<()> {
+    with_handle(netns, move |h| async move {
+        use rtnetlink::packet_route::link::LinkXdp;
+        // XDP_FLAGS_SKB_MODE / XDP_FLAGS_DRV_MODE.
+        let flags = if skb_mode { 1 << 1 } else { 1 << 2 };
+        let msg = LinkUnspec::new_with_index(ifindex)
+            .append_extra_attribute(LinkAttribute::Xdp(vec![
+                LinkXdp::Fd(-1),
+                LinkXdp::Flags(flags),
+            ]))
+            .build();
+        h.link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|e| nl_err(format!("detach the XDP program of link {ifindex}"), e))
     })
 }

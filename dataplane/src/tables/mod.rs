@@ -25,6 +25,24 @@ pub enum PortKind {
     /// The underlay, as a tunnel: frames in and out are the tunnel's
     /// payload, with the peer node's address in [`crate::frame::Meta`].
     Tunnel(Encap),
+    /// The uplink itself, through AF_XDP (`port::xdp`): like a tunnel port,
+    /// but one port carries every encapsulation, so each frame names its
+    /// own in [`crate::frame::Meta::encap`].
+    Uplink,
+}
+
+impl PortKind {
+    /// The encapsulation a frame received on a port of this kind arrived
+    /// in (`meta_encap` is the frame's own, which the uplink port sets);
+    /// `None` for a plain frame.
+    #[inline]
+    pub fn rx_encap(&self, meta_encap: Option<Encap>) -> Option<Encap> {
+        match self {
+            PortKind::Tunnel(e) => Some(*e),
+            PortKind::Uplink => meta_encap,
+            _ => None,
+        }
+    }
 }
 
 /// How traffic to another node's pods travels.
@@ -141,6 +159,9 @@ pub struct Tables {
     pub routes: DualLpm<NextHop>,
     /// Where traffic for destinations we do not own goes.
     pub host_port: Option<PortId>,
+    /// The AF_XDP uplink port, when XDP carries the tunnels: VXLAN and IPIP
+    /// leave through it instead of the overlay's socket ports.
+    pub uplink_port: Option<PortId>,
     pub overlay: Overlay,
 }
 
@@ -152,6 +173,7 @@ impl Tables {
             ports: Vec::new(),
             routes: DualLpm::default(),
             host_port: None,
+            uplink_port: None,
             overlay: Overlay::default(),
         }
     }
@@ -206,6 +228,9 @@ impl Tables {
         }
         if self.overlay.ipip_port == Some(id) {
             self.overlay.ipip_port = None;
+        }
+        if self.uplink_port == Some(id) {
+            self.uplink_port = None;
         }
         while matches!(self.ports.last(), Some(None)) {
             self.ports.pop();

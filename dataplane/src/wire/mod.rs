@@ -3,6 +3,7 @@
 //! one file per header, each with a checked view and tests on captured bytes.
 
 pub mod mac;
+pub mod outer;
 pub mod vnet;
 pub mod vxlan;
 

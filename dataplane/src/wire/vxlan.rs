@@ -10,7 +10,7 @@
 //! accepted and a non-zero one must be correct.
 
 use crate::csum;
-use crate::wire::MacAddr;
+use crate::wire::{outer, MacAddr};
 use std::net::IpAddr;
 use std::ops::Range;
 
@@ -110,22 +110,35 @@ pub fn encapsulate(inner: &[u8], p: &EncapParams, out: &mut Vec<u8>) -> Result<(
     emit_header(p.vni, &mut [0u8; HEADER_LEN])?;
     out.clear();
     let udp_len = 8 + HEADER_LEN + inner.len();
+    if let (IpAddr::V4(s), IpAddr::V4(d)) = (p.src_ip, p.dst_ip) {
+        // The same headers the AF_XDP uplink port writes (`wire::outer`).
+        let o = outer::Ipv4Outer {
+            src_mac: p.src_mac,
+            dst_mac: p.dst_mac,
+            src: s,
+            dst: d,
+            protocol: outer::PROTO_UDP,
+            id: p.ip_id,
+            ttl: p.ttl,
+            tos: p.tos,
+            df: p.df,
+        };
+        out.resize(outer::VXLAN_LEN, 0);
+        o.emit(udp_len, out).map_err(|_| VxlanError::BadLength)?;
+        outer::emit_udp(
+            p.src_port,
+            p.dst_port,
+            HEADER_LEN + inner.len(),
+            &mut out[outer::IPIP_LEN..],
+        )
+        .map_err(|_| VxlanError::BadLength)?;
+        emit_header(p.vni, &mut out[outer::IPIP_LEN + outer::UDP_LEN..])?;
+        out.extend_from_slice(inner);
+        return Ok(());
+    }
     out.extend_from_slice(&p.dst_mac.0);
     out.extend_from_slice(&p.src_mac.0);
     match (p.src_ip, p.dst_ip) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let total = u16::try_from(20 + udp_len).map_err(|_| VxlanError::BadLength)?;
-            out.extend_from_slice(&[0x08, 0x00]);
-            let ip_at = out.len();
-            out.extend_from_slice(&[0x45, p.tos]);
-            out.extend_from_slice(&total.to_be_bytes());
-            out.extend_from_slice(&p.ip_id.to_be_bytes());
-            out.extend_from_slice(&[if p.df { 0x40 } else { 0 }, 0, p.ttl, 17, 0, 0]);
-            out.extend_from_slice(&s.octets());
-            out.extend_from_slice(&d.octets());
-            let c = csum::checksum(&out[ip_at..ip_at + 20]);
-            out[ip_at + 10..ip_at + 12].copy_from_slice(&c.to_be_bytes());
-        }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
             let plen = u16::try_from(udp_len).map_err(|_| VxlanError::BadLength)?;
             out.extend_from_slice(&[0x86, 0xdd]);
