@@ -140,6 +140,10 @@ pub struct WorkerStats {
     pub handoff_out: AtomicU64,
     /// Segments merged into another frame by receive coalescing (GRO).
     pub gro_merged: AtomicU64,
+    /// Connection-tracking entries in use, and flows refused for lack of
+    /// room (gauges, set once per batch).
+    pub ct_entries: AtomicU64,
+    pub ct_refused: AtomicU64,
 }
 
 /// A point-in-time copy of a [`PortStats`], as the API returns it.

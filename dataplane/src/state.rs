@@ -16,6 +16,9 @@ pub struct Persisted {
     pub pools: Vec<Cidr>,
     #[serde(default)]
     pub overlay: Option<crate::api::OverlaySpec>,
+    /// NetworkPolicy per endpoint name.
+    #[serde(default)]
+    pub policies: std::collections::BTreeMap<String, crate::policy::EndpointPolicy>,
 }
 
 /// The state directory, created root-only.
@@ -115,6 +118,12 @@ mod tests {
                 }],
                 uplink_mode: crate::api::UplinkMode::Socket,
             }),
+            policies: [(
+                "oc1".to_string(),
+                crate::policy::EndpointPolicy { ingress: Some(vec![]), egress: None },
+            )]
+            .into_iter()
+            .collect(),
         };
         sd.save(&s).unwrap();
         assert_eq!(sd.load().unwrap(), s);

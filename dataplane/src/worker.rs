@@ -152,6 +152,8 @@ struct Scratch {
     handoff_in: Vec<(PortId, Frame)>,
     /// Hand-off frames of one input port, as a batch.
     handoff_run: Vec<Frame>,
+    /// This worker's connection tracking (its flows are its own).
+    flows: pipeline::FlowState,
 }
 
 struct Worker {
@@ -165,6 +167,8 @@ struct Worker {
     stats: Arc<WorkerStats>,
     ports: Vec<RxEntry>,
     s: Scratch,
+    /// Connection tracking's clock.
+    clock: std::time::Instant,
 }
 
 impl Worker {
@@ -188,6 +192,9 @@ impl Worker {
             segs: Vec::new(),
             handoff_in: Vec::with_capacity(batch),
             handoff_run: Vec::with_capacity(batch),
+            flows: pipeline::FlowState::new(
+                crate::policy::conntrack::Limits::default().per_worker(n),
+            ),
         };
         Worker {
             id,
@@ -200,6 +207,7 @@ impl Worker {
             stats,
             ports: Vec::new(),
             s,
+            clock: std::time::Instant::now(),
         }
     }
 
@@ -408,7 +416,18 @@ impl Worker {
     ) {
         let in_stats = tables.port(in_port).map(|p| p.stats.clone());
         let rx_bytes: u64 = frames.iter().map(|f| f.len() as u64).sum();
-        pipeline::process(tables, in_port, frames, &mut self.s.verdicts, &mut self.s.tally);
+        self.s.flows.now_ms = self.clock.elapsed().as_millis() as u64;
+        pipeline::process(
+            tables,
+            in_port,
+            frames,
+            &mut self.s.verdicts,
+            &mut self.s.tally,
+            &mut self.s.flows,
+        );
+        let (tcp, other) = self.s.flows.ct.counts();
+        self.stats.ct_entries.store((tcp + other) as u64, Relaxed);
+        self.stats.ct_refused.store(self.s.flows.ct.refused, Relaxed);
         // One tally per batch, published to the port and the worker alike
         // (never carried over to the next batch, even if the port is gone).
         match &in_stats {

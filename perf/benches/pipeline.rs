@@ -106,16 +106,17 @@ fn forward(c: &mut Criterion) {
         let mut frames: Vec<Frame> = (0..BATCH).map(|_| Frame::from_bytes(&template)).collect();
         let mut verdicts = Vec::with_capacity(BATCH);
         let mut tally = DropTally::default();
+        let mut flows = pipeline::FlowState::default();
         // The batch really is forwarded, and stays forwardable after a reset.
         for _ in 0..3 {
             restore_headers(&mut frames, &template);
-            pipeline::process(&tables, A, &mut frames, &mut verdicts, &mut tally);
+            pipeline::process(&tables, A, &mut frames, &mut verdicts, &mut tally, &mut flows);
             assert!(verdicts.iter().all(|v| *v == Verdict::Tx(B)), "{verdicts:?}");
         }
         g.bench_function(BenchmarkId::new("batch32", name), |b| {
             b.iter(|| {
                 restore_headers(&mut frames, &template);
-                pipeline::process(black_box(&tables), A, &mut frames, &mut verdicts, &mut tally);
+                pipeline::process(black_box(&tables), A, &mut frames, &mut verdicts, &mut tally, &mut flows);
                 black_box(&verdicts);
             })
         });
@@ -319,19 +320,20 @@ fn overlay(c: &mut Criterion) {
     let tables = overlay_tables();
     let mut verdicts = Vec::with_capacity(BATCH);
     let mut tally = DropTally::default();
+    let mut flows = pipeline::FlowState::default();
     let mut g = c.benchmark_group("overlay");
     g.throughput(Throughput::Elements(BATCH as u64));
     for (name, len) in [("64B", 64usize), ("1464B", 1464)] {
         // Encapsulation: pod A to a pod of node-2.
         let template = udp_between("10.65.0.2", "10.65.1.9", MAC_A, GW, len);
         let mut frames: Vec<Frame> = (0..BATCH).map(|_| Frame::from_bytes(&template)).collect();
-        pipeline::process(&tables, A, &mut frames, &mut verdicts, &mut tally);
+        pipeline::process(&tables, A, &mut frames, &mut verdicts, &mut tally, &mut flows);
         assert!(verdicts.iter().all(|v| *v == Verdict::Tx(3)), "{verdicts:?}");
         assert!(frames.iter().all(|f| f.meta.peer == Some(peer())));
         g.bench_function(BenchmarkId::new("encap-batch32", name), |b| {
             b.iter(|| {
                 restore_headers(&mut frames, &template);
-                pipeline::process(black_box(&tables), A, &mut frames, &mut verdicts, &mut tally);
+                pipeline::process(black_box(&tables), A, &mut frames, &mut verdicts, &mut tally, &mut flows);
                 black_box(&verdicts);
             })
         });
@@ -348,12 +350,12 @@ fn overlay(c: &mut Criterion) {
             }
         };
         reset(&mut frames);
-        pipeline::process(&tables, 3, &mut frames, &mut verdicts, &mut tally);
+        pipeline::process(&tables, 3, &mut frames, &mut verdicts, &mut tally, &mut flows);
         assert!(verdicts.iter().all(|v| *v == Verdict::Tx(B)), "{verdicts:?}");
         g.bench_function(BenchmarkId::new("decap-batch32", name), |b| {
             b.iter(|| {
                 reset(&mut frames);
-                pipeline::process(black_box(&tables), 3, &mut frames, &mut verdicts, &mut tally);
+                pipeline::process(black_box(&tables), 3, &mut frames, &mut verdicts, &mut tally, &mut flows);
                 black_box(&verdicts);
             })
         });

@@ -208,6 +208,9 @@ mod lab;
 #[path = "e2e/overlay.rs"]
 mod overlay;
 
+#[path = "e2e/netpol.rs"]
+mod netpol;
+
 #[path = "e2e/xdp.rs"]
 mod xdp;
 

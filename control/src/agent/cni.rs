@@ -257,6 +257,8 @@ fn add(agent: &Agent, req: &CniRequest) -> CniResponse {
         ips: allocated.ips.clone(),
         mtu,
     };
+    // The pod's policy is in place before its first packet.
+    agent.sync_policy();
     let mac = match agent.dataplane_call(DpRequest::AddEndpoint { endpoint: spec }) {
         Ok(Reply::Endpoint { endpoint }) => endpoint.mac,
         Ok(other) => {

@@ -12,6 +12,7 @@
 mod cni;
 mod dataplane;
 pub mod overlay;
+pub mod policy;
 pub mod pools;
 
 use crate::datastore::{Cluster, Datastore, DirDatastore};
@@ -19,6 +20,7 @@ use crate::ipam::store::FileStore;
 use crate::ipam::Ipam;
 use dataplane::DataplaneLink;
 use ocelot_dataplane::api::{Cidr, EndpointSpec, OverlayStatus, Reply, Request};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -87,6 +89,9 @@ pub struct Agent {
     overlay: Mutex<Option<OverlayStatus>>,
     /// Modification stamp of the IPAM state (other nodes' block claims).
     ipam_stamp: Mutex<Option<(std::time::SystemTime, u64)>>,
+    /// The NetworkPolicy the dataplane has, per endpoint (emptied when the
+    /// connection is re-made, so everything is sent again).
+    policies_sent: Mutex<BTreeMap<String, ocelot_dataplane::policy::EndpointPolicy>>,
 }
 
 impl Agent {
@@ -101,6 +106,7 @@ impl Agent {
             dataplane: DataplaneLink::new(args.dataplane_socket.clone()),
             overlay: Mutex::new(None),
             ipam_stamp: Mutex::new(None),
+            policies_sent: Mutex::new(BTreeMap::new()),
             args,
         })
     }
@@ -180,6 +186,59 @@ impl Agent {
         }
     }
 
+    /// Compute this node's endpoints' NetworkPolicy and send the dataplane
+    /// what changed. Errors are logged and retried on the next change.
+    pub fn sync_policy(&self) {
+        let ipam = match self.ipam.load() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot read IPAM state: {e}");
+                return;
+            }
+        };
+        let endpoints: BTreeMap<String, String> = {
+            let mut st = ipam.clone();
+            Ipam { state: &mut st, node: &self.node }
+                .node_allocations()
+                .into_values()
+                .filter(|(_, a)| !a.pod.is_empty())
+                .filter_map(|(_, a)| Some((a.attrs.get(attr::ENDPOINT)?.clone(), a.pod.clone())))
+                .collect()
+        };
+        let t0 = std::time::Instant::now();
+        let want = {
+            let c = self.cluster.read().unwrap_or_else(|e| e.into_inner());
+            policy::desired(&policy::model(&c, &ipam), &endpoints)
+        };
+        let mut sent = self.policies_sent.lock().unwrap_or_else(|e| e.into_inner());
+        let delta = policy::delta(&sent, &want);
+        if delta.is_empty() {
+            return;
+        }
+        let n = delta.len();
+        let updates: Vec<_> = delta
+            .iter()
+            .map(|(k, v)| ocelot_dataplane::api::EndpointPolicyUpdate {
+                endpoint: k.clone(),
+                policy: v.clone(),
+            })
+            .collect();
+        match self.dataplane_call(Request::SetPolicies { policies: updates }) {
+            Ok(_) => {
+                for (k, v) in delta {
+                    sent.insert(k, v);
+                }
+                sent.retain(|k, _| want.contains_key(k));
+                tracing::info!(
+                    endpoints = n,
+                    calc_us = t0.elapsed().as_micros() as u64,
+                    "policy sent to the dataplane"
+                );
+            }
+            Err(e) => tracing::error!("dataplane refused the policy: {e}"),
+        }
+    }
+
     /// The MTU for a new pod when none is configured: the uplink's minus the
     /// encapsulation overhead, once the overlay is known.
     pub fn auto_mtu(&self) -> Option<u32> {
@@ -253,7 +312,9 @@ impl Agent {
             Ok(fresh) => {
                 if fresh {
                     *self.overlay.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    self.policies_sent.lock().unwrap_or_else(|e| e.into_inner()).clear();
                     self.sync_overlay();
+                    self.sync_policy();
                 }
                 true
             }
@@ -317,6 +378,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             a.ensure_dataplane();
         } else if a.ipam_changed() {
             a.sync_overlay();
+            a.sync_policy();
         }
         std::thread::sleep(Duration::from_millis(a.args.poll_ms));
     })?;

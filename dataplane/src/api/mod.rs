@@ -214,6 +214,14 @@ pub struct OverlayStatus {
     pub uplink_mode: String,
 }
 
+/// One endpoint's policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointPolicyUpdate {
+    pub endpoint: String,
+    pub policy: crate::policy::EndpointPolicy,
+}
+
 /// Requests.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
@@ -236,6 +244,10 @@ pub enum Request {
     RemoveEndpoint { name: String },
     /// Replace the overlay: tunnel endpoint, other nodes, their routes.
     SetOverlay { overlay: OverlaySpec },
+    /// Set the NetworkPolicy of some endpoints (the others keep theirs).
+    /// An endpoint may get its policy before it exists: it applies from
+    /// the endpoint's first packet.
+    SetPolicies { policies: Vec<EndpointPolicyUpdate> },
     /// Read every counter.
     Counters,
     /// Read the endpoints, pools and table version.
@@ -310,6 +322,12 @@ pub struct WorkerCounters {
     pub handoff_out: u64,
     #[serde(default)]
     pub gro_merged: u64,
+    /// Connection-tracking entries in use, and new flows refused because
+    /// the table was full.
+    #[serde(default)]
+    pub ct_entries: u64,
+    #[serde(default)]
+    pub ct_refused: u64,
     #[serde(flatten)]
     pub counters: CounterSnapshot,
 }

@@ -132,6 +132,9 @@ pub fn dispatch(req: Request, version: &mut Option<u32>, engine: &Mutex<Engine>)
             engine.remove_endpoint(&name).map(|v| Reply::Done { tables_version: v })
         }
         Request::SetOverlay { overlay } => engine.set_overlay(overlay),
+        Request::SetPolicies { policies } => {
+            engine.set_policies(policies).map(|v| Reply::Done { tables_version: v })
+        }
         Request::Counters => Ok(engine.counters()),
         Request::State => Ok(engine.state()),
     };

@@ -48,6 +48,8 @@ struct HostPort {
 
 pub struct Engine {
     cfg: EngineConfig,
+    /// NetworkPolicy per endpoint name (also for endpoints not added yet).
+    policies: BTreeMap<String, crate::policy::EndpointPolicy>,
     overlay: overlay::State,
     tables: Arc<SharedTables>,
     workers: Vec<WorkerHandle>,
@@ -88,6 +90,7 @@ impl Engine {
         let tables = Arc::new(SharedTables::new(Tables::new(cfg.gateway_mac)));
         let workers = worker::spawn_all(&cfg.workers, tables.clone())?;
         let mut e = Engine {
+            policies: saved.policies.clone(),
             overlay: overlay::State::default(),
             pools: Vec::new(),
             cfg,
@@ -148,6 +151,7 @@ impl Engine {
                 ips: Vec::new(),
                 tx,
                 stats: Arc::new(PortStats::default()),
+                policy: None,
             });
             t.host_port = Some(id);
         });
@@ -250,6 +254,7 @@ impl Engine {
         let tap = tx.0.clone();
         let id = self.tables.load().free_port_id();
         let w = self.pick_worker();
+        let policy = self.compiled_policy(&spec.name);
         self.tables.update(|t| {
             t.set_port(PortEntry {
                 id,
@@ -259,7 +264,11 @@ impl Engine {
                 ips: spec.ips.clone(),
                 tx,
                 stats: Arc::new(PortStats::default()),
+                policy: policy.clone(),
             });
+            if policy.is_some() {
+                t.policy_generation += 1;
+            }
             for ip in &spec.ips {
                 t.routes.insert(*ip, host_len(ip), NextHop::Port(id));
             }
@@ -348,6 +357,7 @@ impl Engine {
         }
         let stale: Vec<String> =
             self.endpoints.keys().filter(|n| !names.contains(n.as_str())).cloned().collect();
+        self.policies.retain(|n, _| names.contains(n.as_str()));
         for n in stale {
             self.remove_endpoint(&n)?;
         }
@@ -367,6 +377,52 @@ impl Engine {
                 format!("some endpoints were not applied: {}", errors.join("; ")),
             ))
         }
+    }
+
+    /// The compiled policy of an endpoint; `None` when it has none or is
+    /// isolated in neither direction.
+    fn compiled_policy(&self, name: &str) -> Option<Arc<crate::policy::classify::CompiledPolicy>> {
+        self.policies
+            .get(name)
+            .filter(|p| p.ingress.is_some() || p.egress.is_some())
+            .map(|p| Arc::new(crate::policy::classify::CompiledPolicy::compile(p)))
+    }
+
+    /// Set the policy of some endpoints: compiled once, published in one
+    /// table version, with a new policy generation so tracked flows are
+    /// judged again.
+    pub fn set_policies(
+        &mut self,
+        updates: Vec<crate::api::EndpointPolicyUpdate>,
+    ) -> Result<u64, ApiError> {
+        for u in &updates {
+            tun::check_ifname(&u.endpoint)
+                .map_err(|e| invalid(format!("endpoint name {:?}: {e}", u.endpoint)))?;
+        }
+        let mut compiled = Vec::new();
+        for u in updates {
+            let isolated = u.policy.ingress.is_some() || u.policy.egress.is_some();
+            let c = isolated
+                .then(|| Arc::new(crate::policy::classify::CompiledPolicy::compile(&u.policy)));
+            if let Some(e) = self.endpoints.get(&u.endpoint) {
+                compiled.push((e.port, c));
+            }
+            if isolated {
+                self.policies.insert(u.endpoint, u.policy);
+            } else {
+                self.policies.remove(&u.endpoint);
+            }
+        }
+        let t = self.tables.update(|t| {
+            for (port, c) in compiled {
+                if let Some(Some(p)) = t.ports.get_mut(port as usize) {
+                    p.policy = c;
+                }
+            }
+            t.policy_generation += 1;
+        });
+        self.persist();
+        Ok(t.version)
     }
 
     fn status(&self, e: &Endpoint) -> EndpointStatus {
@@ -421,6 +477,8 @@ impl Engine {
                     handoff_in: w.stats.handoff_in.load(Relaxed),
                     handoff_out: w.stats.handoff_out.load(Relaxed),
                     gro_merged: w.stats.gro_merged.load(Relaxed),
+                    ct_entries: w.stats.ct_entries.load(Relaxed),
+                    ct_refused: w.stats.ct_refused.load(Relaxed),
                     counters: w.stats.port.snapshot(),
                 }
             })
@@ -438,6 +496,7 @@ impl Engine {
             endpoints: self.endpoints.values().map(|e| e.spec.clone()).collect(),
             pools: self.pools.clone(),
             overlay: self.overlay.status.as_ref().map(|s| s.spec.clone()),
+            policies: self.policies.clone(),
         };
         if let Err(e) = self.state.save(&s) {
             tracing::error!(dir = %self.state.path().display(), "cannot save state: {e}");

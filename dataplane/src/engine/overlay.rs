@@ -324,6 +324,7 @@ impl Engine {
                 ips: Vec::new(),
                 tx: tx.clone(),
                 stats: stats.clone(),
+                policy: None,
             });
         });
         self.workers[w].send(Command::AddPort(id, rx));
@@ -386,6 +387,7 @@ impl Engine {
                 ips: Vec::new(),
                 tx,
                 stats,
+                policy: None,
             });
         });
         // Each receive port on its own worker, the least busy first.

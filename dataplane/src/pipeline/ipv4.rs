@@ -8,6 +8,7 @@ use super::{flow, icmp, set_macs, Ctx, Verdict, ETH_LEN};
 use crate::counters::DropReason;
 use crate::csum;
 use crate::frame::Frame;
+use crate::policy::filter;
 use crate::tables::{Encap, Hop};
 use crate::wire::GsoType;
 use std::net::IpAddr;
@@ -102,6 +103,9 @@ pub(super) fn forward(ctx: &Ctx<'_>, f: &mut Frame) -> Verdict {
             };
         }
     };
+    if let Err(r) = police(ctx, f, out) {
+        return Verdict::Drop(r);
+    }
     if ttl <= 1 {
         return match icmp::time_exceeded(f, t.gateway_mac) {
             true => Verdict::Reply(ctx.in_port, DropReason::TtlExceeded),
@@ -122,4 +126,42 @@ pub(super) fn forward(ctx: &Ctx<'_>, f: &mut Frame) -> Verdict {
     ip[field::CHECKSUM].copy_from_slice(&csum::update16(c, old, new).to_be_bytes());
     set_macs(data, dst_mac, src_mac);
     Verdict::Tx(out)
+}
+
+/// NetworkPolicy: the sending pod's egress and the receiving pod's ingress,
+/// for the endpoints that live here (a remote node judges its own). The
+/// node's own traffic to its pods is always allowed, as Kubernetes
+/// requires (kubelet probes): traffic from the host interface whose source
+/// is not a pod address (nothing of a pool, no endpoint, no remote block;
+/// native-routed pod traffic also arrives through the host interface). An
+/// ingress denial is also counted on the receiving endpoint's port, so each
+/// endpoint shows the drops it asked for.
+fn police(ctx: &Ctx<'_>, f: &Frame, out: crate::port::PortId) -> Result<(), DropReason> {
+    let t = ctx.tables;
+    let src_pol = ctx.in_pod.and_then(|p| p.policy.as_deref());
+    let dst = t.port(out).filter(|p| p.kind == crate::tables::PortKind::Pod);
+    let from_node = ctx.in_kind_host && {
+        let d = f.data();
+        let src = IpAddr::V4(std::net::Ipv4Addr::new(
+            d[ETH_LEN + 12],
+            d[ETH_LEN + 13],
+            d[ETH_LEN + 14],
+            d[ETH_LEN + 15],
+        ));
+        t.route(src) == Hop::Local(ctx.in_port)
+    };
+    let dst_pol = if from_node { None } else { dst.and_then(|p| p.policy.as_deref()) };
+    if src_pol.is_none() && dst_pol.is_none() {
+        return Ok(());
+    }
+    let Some(flow) = filter::parse(&f.data()[ETH_LEN..]) else {
+        return Err(DropReason::Malformed);
+    };
+    let mut fl = ctx.flows.borrow_mut();
+    let now = fl.now_ms;
+    let r = filter::decide(&mut fl.ct, now, t.policy_generation, &flow, src_pol, dst_pol);
+    if let (Err(DropReason::PolicyIngress), Some(d)) = (r, dst) {
+        d.stats.drops.add(DropReason::PolicyIngress, 1);
+    }
+    r
 }

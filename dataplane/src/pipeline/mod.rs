@@ -42,6 +42,29 @@ pub enum Verdict {
     Reply(PortId, DropReason),
 }
 
+/// What a worker keeps between batches: its connection-tracking table and
+/// the clock the table runs on.
+pub struct FlowState {
+    pub ct: crate::policy::conntrack::Conntrack,
+    /// Milliseconds, from any fixed origin; set by the worker per batch.
+    pub now_ms: u64,
+}
+
+impl FlowState {
+    pub fn new(limits: crate::policy::conntrack::Limits) -> FlowState {
+        FlowState {
+            ct: crate::policy::conntrack::Conntrack::new(limits, Default::default()),
+            now_ms: 0,
+        }
+    }
+}
+
+impl Default for FlowState {
+    fn default() -> FlowState {
+        FlowState::new(Default::default())
+    }
+}
+
 /// Run a batch received on `in_port` through the pipeline. `verdicts` is
 /// cleared and gets one entry per frame; drops are also tallied in `drops`.
 pub fn process(
@@ -50,6 +73,7 @@ pub fn process(
     frames: &mut [Frame],
     verdicts: &mut Vec<Verdict>,
     drops: &mut DropTally,
+    flows: &mut FlowState,
 ) {
     verdicts.clear();
     let Some(port) = tables.port(in_port) else {
@@ -59,8 +83,14 @@ pub fn process(
         }
         return;
     };
-    let ctx =
-        Ctx { tables, in_port, in_kind_host: tables.host_port == Some(in_port), in_ips: &port.ips };
+    let ctx = Ctx {
+        tables,
+        in_port,
+        in_kind_host: tables.host_port == Some(in_port),
+        in_ips: &port.ips,
+        in_pod: (port.kind == PortKind::Pod).then_some(port),
+        flows: std::cell::RefCell::new(flows),
+    };
     // Tunnel ports carry one encapsulation; the AF_XDP uplink port names
     // each frame's own (a frame without one cannot be decapsulated).
     let tunnel = matches!(port.kind, PortKind::Tunnel(_) | PortKind::Uplink);
@@ -82,6 +112,10 @@ struct Ctx<'a> {
     in_port: PortId,
     in_kind_host: bool,
     in_ips: &'a [std::net::IpAddr],
+    /// The receiving port when it is a pod's: its address and MAC are the
+    /// only ones it may send from, and its egress policy applies.
+    in_pod: Option<&'a crate::tables::PortEntry>,
+    flows: std::cell::RefCell<&'a mut FlowState>,
 }
 
 fn one(ctx: &Ctx<'_>, f: &mut Frame) -> Verdict {
@@ -102,10 +136,33 @@ fn one(ctx: &Ctx<'_>, f: &mut Frame) -> Verdict {
         });
     }
     match ethertype {
-        ETHERTYPE_IPV4 if dst == ctx.tables.gateway_mac => ipv4::forward(ctx, f),
+        ETHERTYPE_IPV4 if dst == ctx.tables.gateway_mac => {
+            if let Some(pod) = ctx.in_pod {
+                if spoofed(pod, f.data()) {
+                    return Verdict::Drop(DropReason::Spoofed);
+                }
+            }
+            ipv4::forward(ctx, f)
+        }
         ETHERTYPE_IPV4 => Verdict::Drop(DropReason::NotForUs),
         ETHERTYPE_ARP => arp::answer(ctx, f),
         _ => Verdict::Drop(DropReason::UnsupportedEthertype),
+    }
+}
+
+/// Reverse-path check on a pod's port (as Calico does on workload
+/// interfaces): the source MAC must be the pod's interface's and the source
+/// IPv4 address one of the pod's.
+fn spoofed(pod: &crate::tables::PortEntry, data: &[u8]) -> bool {
+    if data[6..12] != pod.peer_mac.0 {
+        return true;
+    }
+    match data.get(ETH_LEN + 12..ETH_LEN + 16) {
+        Some(s) => {
+            let src = std::net::IpAddr::V4(std::net::Ipv4Addr::new(s[0], s[1], s[2], s[3]));
+            !pod.ips.contains(&src)
+        }
+        None => false, // too short: the IPv4 stage calls it malformed
     }
 }
 

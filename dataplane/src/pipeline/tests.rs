@@ -67,7 +67,7 @@ fn run(t: &Tables, port: PortId, bytes: &[u8]) -> (Verdict, Frame) {
     let mut frames = vec![Frame::from_bytes(bytes)];
     let mut v = Vec::new();
     let mut tally = DropTally::default();
-    process(t, port, &mut frames, &mut v, &mut tally);
+    process(t, port, &mut frames, &mut v, &mut tally, &mut FlowState::default());
     (v[0], frames.pop().unwrap())
 }
 
@@ -235,7 +235,7 @@ fn inconsistent_vnet_header_is_dropped() {
     frames[0].vnet.csum_offset = 6;
     let mut v = Vec::new();
     let mut tally = DropTally::default();
-    process(&t, A, &mut frames, &mut v, &mut tally);
+    process(&t, A, &mut frames, &mut v, &mut tally, &mut FlowState::default());
     assert_eq!(v[0], Verdict::Drop(DropReason::BadVnetHdr));
 }
 
@@ -271,7 +271,7 @@ fn drops_are_tallied_per_reason() {
     ];
     let mut v = Vec::new();
     let mut tally = DropTally::default();
-    process(&t, A, &mut frames, &mut v, &mut tally);
+    process(&t, A, &mut frames, &mut v, &mut tally, &mut FlowState::default());
     let stats = PortStats::default();
     tally.flush(&[&stats.drops]);
     assert_eq!(stats.drops.get(DropReason::Malformed), 1);
@@ -343,7 +343,7 @@ mod overlay {
         let mut frames = vec![f];
         let mut v = Vec::new();
         let mut tally = DropTally::default();
-        process(t, port, &mut frames, &mut v, &mut tally);
+        process(t, port, &mut frames, &mut v, &mut tally, &mut FlowState::default());
         (v[0], frames.pop().unwrap())
     }
 
@@ -447,7 +447,7 @@ mod overlay {
         f.vnet.gso_size = 1448; // 1448 + 40 > 1450
         let mut frames = vec![f];
         let mut v = Vec::new();
-        process(&t, A, &mut frames, &mut v, &mut DropTally::default());
+        process(&t, A, &mut frames, &mut v, &mut DropTally::default(), &mut FlowState::default());
         assert_eq!(v[0], Verdict::Reply(A, DropReason::TooBig));
         let mut f = Frame::from_bytes(&pkt);
         f.vnet.flags = crate::wire::vnet::F_NEEDS_CSUM;
@@ -456,7 +456,7 @@ mod overlay {
         f.vnet.csum_offset = 16;
         f.vnet.gso_size = 1410;
         let mut frames = vec![f];
-        process(&t, A, &mut frames, &mut v, &mut DropTally::default());
+        process(&t, A, &mut frames, &mut v, &mut DropTally::default(), &mut FlowState::default());
         assert_eq!(v[0], Verdict::Tx(VX));
     }
 
@@ -560,7 +560,7 @@ mod overlay {
             let mut frames = vec![f];
             let mut v = Vec::new();
             let mut tally = DropTally::default();
-            process(&t, port, &mut frames, &mut v, &mut tally);
+            process(&t, port, &mut frames, &mut v, &mut tally, &mut FlowState::default());
             assert_eq!(v[0], Verdict::Drop(want), "{what}");
             let c = crate::counters::DropCounters::default();
             tally.flush(&[&c]);
@@ -643,5 +643,107 @@ mod overlay {
         let h = flow::frame_hash(&ab, &PortKind::Pod);
         assert_eq!(h, flow::frame_hash(&vx, &PortKind::Tunnel(Encap::Vxlan)));
         assert_eq!(h, flow::frame_hash(&ip, &PortKind::Tunnel(Encap::Ipip)));
+    }
+}
+
+mod policy {
+    //! NetworkPolicy and anti-spoofing in the pipeline.
+    use super::*;
+    use crate::api::Cidr;
+    use crate::policy::classify::CompiledPolicy;
+    use crate::policy::{EndpointPolicy, Net, PortRange, Proto, Rule};
+    use std::sync::Arc;
+
+    /// B accepts UDP/5000 from A only; A may send only to B.
+    fn tables() -> Tables {
+        let mut t = lab_tables();
+        let only = |ip: &str| {
+            Some(vec![Net {
+                cidr: Cidr { addr: IpAddr::V4(super::ip(ip)), len: 32 },
+                except: vec![],
+            }])
+        };
+        let b = EndpointPolicy {
+            ingress: Some(vec![Rule {
+                peers: only("10.65.0.2"),
+                ports: Some(vec![PortRange { proto: Proto::Udp, first: 5000, last: 5000 }]),
+            }]),
+            egress: None,
+        };
+        let a = EndpointPolicy {
+            ingress: None,
+            egress: Some(vec![Rule { peers: only("10.65.0.3"), ports: None }]),
+        };
+        for (port, p) in [(B, b), (A, a)] {
+            if let Some(Some(e)) = t.ports.get_mut(port as usize) {
+                e.policy = Some(Arc::new(CompiledPolicy::compile(&p)));
+            }
+        }
+        t.policy_generation = 1;
+        t
+    }
+
+    fn run_with(t: &Tables, port: PortId, bytes: &[u8], flows: &mut FlowState) -> Verdict {
+        let mut frames = vec![Frame::from_bytes(bytes)];
+        let mut v = Vec::new();
+        process(t, port, &mut frames, &mut v, &mut DropTally::default(), flows);
+        v[0]
+    }
+
+    #[test]
+    fn allowed_flows_and_their_replies_pass_and_the_rest_is_counted() {
+        let t = tables();
+        let mut flows = FlowState::default();
+        assert_eq!(
+            run_with(&t, A, &udp(MAC_A, GW, "10.65.0.2", "10.65.0.3", 64, b"q"), &mut flows),
+            Verdict::Tx(B)
+        );
+        // B's reply (UDP 5000 -> 4000) is not allowed by any rule of A's
+        // ingress (A has none) nor B's egress (none): it passes as a reply,
+        // and it is tracked.
+        let mut reply = udp(MAC_B, GW, "10.65.0.3", "10.65.0.2", 64, b"r");
+        reply[ETH_LEN + 20..ETH_LEN + 24].copy_from_slice(&[0x13, 0x88, 0x0f, 0xa0]);
+        assert_eq!(run_with(&t, B, &reply, &mut flows), Verdict::Tx(A));
+        assert_eq!(flows.ct.len(), 1);
+        // A to the host (not B): A's egress denies it.
+        assert_eq!(
+            run_with(&t, A, &udp(MAC_A, GW, "10.65.0.2", "192.0.2.1", 64, b"x"), &mut flows),
+            Verdict::Drop(DropReason::PolicyEgress)
+        );
+        // The host may always reach its pods.
+        assert_eq!(
+            run_with(&t, HOST, &udp(MAC_HOST, GW, "192.0.2.1", "10.65.0.3", 64, b"x"), &mut flows),
+            Verdict::Tx(B)
+        );
+        // A pod of another node, routed natively, also arrives through the
+        // host interface: its source is a pool address, so B's ingress
+        // applies.
+        assert_eq!(
+            run_with(&t, HOST, &udp(MAC_HOST, GW, "10.65.7.7", "10.65.0.3", 64, b"x"), &mut flows),
+            Verdict::Drop(DropReason::PolicyIngress)
+        );
+        // Another port of B: denied by B's ingress, counted on B too.
+        let mut other = udp(MAC_A, GW, "10.65.0.2", "10.65.0.3", 64, b"q");
+        other[ETH_LEN + 22..ETH_LEN + 24].copy_from_slice(&5001u16.to_be_bytes());
+        assert_eq!(run_with(&t, A, &other, &mut flows), Verdict::Drop(DropReason::PolicyIngress));
+        assert_eq!(t.port(B).unwrap().stats.drops.get(DropReason::PolicyIngress), 2);
+    }
+
+    #[test]
+    fn a_pod_cannot_send_from_another_address_or_mac() {
+        let t = lab_tables();
+        let mut flows = FlowState::default();
+        assert_eq!(
+            run_with(&t, A, &udp(MAC_A, GW, "10.65.0.3", "10.65.0.2", 64, b"x"), &mut flows),
+            Verdict::Drop(DropReason::Spoofed)
+        );
+        assert_eq!(
+            run_with(&t, A, &udp(MAC_B, GW, "10.65.0.2", "10.65.0.3", 64, b"x"), &mut flows),
+            Verdict::Drop(DropReason::Spoofed)
+        );
+        assert_eq!(
+            run_with(&t, A, &udp(MAC_A, GW, "10.65.0.2", "10.65.0.3", 64, b"x"), &mut flows),
+            Verdict::Tx(B)
+        );
     }
 }

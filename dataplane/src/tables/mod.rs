@@ -106,6 +106,8 @@ pub struct PortEntry {
     pub ips: Vec<IpAddr>,
     pub tx: Arc<dyn TxPort>,
     pub stats: Arc<PortStats>,
+    /// The endpoint's NetworkPolicy, compiled; `None`: not isolated.
+    pub policy: Option<Arc<crate::policy::classify::CompiledPolicy>>,
 }
 
 impl PortEntry {
@@ -120,6 +122,7 @@ impl PortEntry {
             ips,
             tx: Arc::new(crate::port::memory::SinkTx::default()),
             stats: Arc::new(PortStats::default()),
+            policy: None,
         }
     }
 }
@@ -163,6 +166,9 @@ pub struct Tables {
     /// leave through it instead of the overlay's socket ports.
     pub uplink_port: Option<PortId>,
     pub overlay: Overlay,
+    /// Increases whenever any endpoint's policy changes: tracked flows
+    /// whose verdict is older are judged again.
+    pub policy_generation: u64,
 }
 
 impl Tables {
@@ -175,6 +181,7 @@ impl Tables {
             host_port: None,
             uplink_port: None,
             overlay: Overlay::default(),
+            policy_generation: 0,
         }
     }
 

@@ -1,0 +1,147 @@
+//! The policy this node's endpoints must enforce, from the cluster (pods,
+//! namespaces, NetworkPolicies) and the IPAM state (every pod's addresses,
+//! on every node), and the difference from what the dataplane already has:
+//! only endpoints whose rules changed are sent.
+
+use crate::datastore::Cluster;
+use crate::ipam::IpamState;
+use crate::policy::calc::{Calc, Model, PodInfo};
+use ocelot_dataplane::policy::EndpointPolicy;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+/// The calculation's view of the cluster: pods with the addresses IPAM
+/// gave them (a pod without addresses cannot be a peer yet).
+pub fn model(cluster: &Cluster, ipam: &IpamState) -> Model {
+    let mut ips: BTreeMap<&str, Vec<IpAddr>> = BTreeMap::new();
+    for b in ipam.blocks.values() {
+        for (ip, a) in &b.allocations {
+            if !a.pod.is_empty() {
+                ips.entry(a.pod.as_str()).or_default().push(*ip);
+            }
+        }
+    }
+    let pods = cluster
+        .pods
+        .iter()
+        .map(|(k, p)| {
+            let info = PodInfo {
+                namespace: p.namespace().to_string(),
+                labels: p.metadata.labels.clone(),
+                ips: ips.get(k.as_str()).cloned().unwrap_or_default(),
+                ports: p.spec.containers.iter().flat_map(|c| c.ports.iter().cloned()).collect(),
+            };
+            (k.clone(), info)
+        })
+        .collect();
+    Model {
+        namespaces: cluster
+            .namespaces
+            .iter()
+            .map(|(k, n)| (k.clone(), n.metadata.labels.clone()))
+            .collect(),
+        pods,
+        policies: cluster.policies.clone(),
+    }
+}
+
+/// Each local endpoint's policy, by endpoint name. `endpoints` maps
+/// endpoint names to pod keys (`namespace/name`).
+pub fn desired(
+    model: &Model,
+    endpoints: &BTreeMap<String, String>,
+) -> BTreeMap<String, EndpointPolicy> {
+    let mut calc = Calc::new(model);
+    endpoints.iter().map(|(ep, pod)| (ep.clone(), calc.endpoint(pod))).collect()
+}
+
+/// What to send: the endpoints whose policy differs from `sent`.
+pub fn delta(
+    sent: &BTreeMap<String, EndpointPolicy>,
+    want: &BTreeMap<String, EndpointPolicy>,
+) -> Vec<(String, EndpointPolicy)> {
+    want.iter()
+        .filter(|(k, v)| sent.get(*k) != Some(*v))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipam::{Allocation, Block};
+    use crate::model::{parse_documents, Object};
+
+    const CLUSTER: &str = r#"
+kind: Namespace
+metadata: {name: x, labels: {kubernetes.io/metadata.name: x}}
+---
+kind: Pod
+metadata: {name: a, namespace: x, labels: {app: web}}
+spec: {nodeName: n1, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+---
+kind: Pod
+metadata: {name: b, namespace: x, labels: {app: client}}
+spec: {nodeName: n2, containers: [{name: c}]}
+---
+kind: NetworkPolicy
+metadata: {name: web, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: http}]}]
+"#;
+
+    fn setup() -> (Cluster, IpamState) {
+        let (objs, _) = parse_documents(CLUSTER).unwrap();
+        let cluster = Cluster::from_objects(objs.iter().collect::<Vec<&Object>>());
+        let alloc = |pod: &str, node: &str| Allocation {
+            handle: format!("h-{pod}"),
+            node: node.into(),
+            pod: pod.into(),
+            attrs: Default::default(),
+        };
+        let block = Block {
+            cidr: "10.65.0.0/26".parse().unwrap(),
+            pool: "p".into(),
+            affinity: Some("n1".into()),
+            allocations: [
+                ("10.65.0.2".parse().unwrap(), alloc("x/a", "n1")),
+                ("10.65.0.3".parse().unwrap(), alloc("x/b", "n2")),
+            ]
+            .into_iter()
+            .collect(),
+            host_local: false,
+        };
+        (cluster, IpamState { blocks: [(block.cidr, block)].into_iter().collect() })
+    }
+
+    #[test]
+    fn endpoints_get_resolved_rules_and_only_changes_are_sent() {
+        let (mut cluster, ipam) = setup();
+        let m = model(&cluster, &ipam);
+        assert_eq!(m.pods["x/b"].ips, vec!["10.65.0.3".parse::<IpAddr>().unwrap()]);
+        let eps: BTreeMap<String, String> =
+            [("ep-a".to_string(), "x/a".to_string()), ("ep-b".to_string(), "x/b".to_string())]
+                .into_iter()
+                .collect();
+        let want = desired(&m, &eps);
+        let a = &want["ep-a"];
+        let rules = a.ingress.as_ref().expect("x/a is isolated for ingress");
+        assert_eq!(rules.len(), 1);
+        let peers = rules[0].peers.as_ref().unwrap();
+        assert_eq!(peers[0].cidr.to_string(), "10.65.0.3/32");
+        let ports = rules[0].ports.as_ref().unwrap();
+        assert_eq!((ports[0].first, ports[0].last), (8080, 8080), "named port resolved");
+        assert!(a.egress.is_none());
+        assert_eq!(want["ep-b"], EndpointPolicy::default(), "x/b is not selected");
+        // Nothing changed: nothing to send. A label change on the client
+        // changes x/a's rules (its peer set), not x/b's.
+        assert!(delta(&want, &want).is_empty());
+        cluster.pods.get_mut("x/b").unwrap().metadata.labels.insert("app".into(), "other".into());
+        let again = desired(&model(&cluster, &ipam), &eps);
+        let d = delta(&want, &again);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].0, "ep-a");
+        assert_eq!(d[0].1.ingress.as_ref().unwrap()[0].peers.as_ref().unwrap().len(), 0);
+    }
+}
