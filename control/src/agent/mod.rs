@@ -210,8 +210,12 @@ impl Agent {
             let c = self.cluster.read().unwrap_or_else(|e| e.into_inner());
             policy::desired(&policy::model(&c, &ipam), &endpoints)
         };
-        let mut sent = self.policies_sent.lock().unwrap_or_else(|e| e.into_inner());
-        let delta = policy::delta(&sent, &want);
+        // Never hold the lock across a dataplane request: a stale connection
+        // is re-made inside it, and a fresh connection clears `sent`.
+        let delta = {
+            let sent = self.policies_sent.lock().unwrap_or_else(|e| e.into_inner());
+            policy::delta(&sent, &want)
+        };
         if delta.is_empty() {
             return;
         }
@@ -225,6 +229,7 @@ impl Agent {
             .collect();
         match self.dataplane_call(Request::SetPolicies { policies: updates }) {
             Ok(_) => {
+                let mut sent = self.policies_sent.lock().unwrap_or_else(|e| e.into_inner());
                 for (k, v) in delta {
                     sent.insert(k, v);
                 }
