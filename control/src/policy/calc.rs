@@ -39,10 +39,22 @@ pub struct Model {
 /// Members of one peer: pod keys (sorted).
 type Members = Arc<Vec<String>>;
 
-/// The calculation, with its selector cache (valid for one [`Model`]).
+/// The calculation, with its caches (valid for one [`Model`]).
 pub struct Calc<'a> {
     pub model: &'a Model,
+    /// Members per distinct (namespace, selectors): identical selectors in
+    /// different policies share one set.
     cache: BTreeMap<(String, String), Members>,
+    /// The same, by the peer's address in the model: the serialised key is
+    /// computed once per peer, not once per endpoint.
+    by_peer: std::collections::HashMap<(usize, usize), Members>,
+    /// Policies by namespace (a pod is selected only by its namespace's).
+    by_ns: BTreeMap<&'a str, Vec<&'a NetworkPolicy>>,
+    /// Pod keys by namespace (a peer without a namespace selector looks
+    /// only at its policy's namespace).
+    pods_by_ns: BTreeMap<&'a str, Vec<&'a str>>,
+    /// Host nets of a member set, built once per set.
+    nets: std::collections::HashMap<usize, Arc<Vec<Net>>>,
 }
 
 fn proto_of(p: &PolicyPort) -> Option<Proto> {
@@ -64,11 +76,36 @@ fn cidr_of(s: &str) -> Option<Cidr> {
 
 impl<'a> Calc<'a> {
     pub fn new(model: &'a Model) -> Calc<'a> {
-        Calc { model, cache: BTreeMap::new() }
+        let mut by_ns: BTreeMap<&'a str, Vec<&'a NetworkPolicy>> = BTreeMap::new();
+        for np in model.policies.values() {
+            by_ns.entry(np.namespace()).or_default().push(np);
+        }
+        let mut pods_by_ns: BTreeMap<&'a str, Vec<&'a str>> = BTreeMap::new();
+        for (k, p) in &model.pods {
+            pods_by_ns.entry(p.namespace.as_str()).or_default().push(k.as_str());
+        }
+        Calc {
+            model,
+            cache: BTreeMap::new(),
+            by_peer: Default::default(),
+            by_ns,
+            pods_by_ns,
+            nets: Default::default(),
+        }
     }
 
     /// Pods a selector peer picks (for a policy in `ns`).
     fn members(&mut self, ns: &str, peer: &Peer) -> Members {
+        let at = (peer as *const Peer as usize, ns.as_ptr() as usize);
+        if let Some(m) = self.by_peer.get(&at) {
+            return m.clone();
+        }
+        let m = self.members_uncached(ns, peer);
+        self.by_peer.insert(at, m.clone());
+        m
+    }
+
+    fn members_uncached(&mut self, ns: &str, peer: &Peer) -> Members {
         let key = (
             if peer.namespace_selector.is_some() { String::new() } else { ns.to_string() },
             serde_json::to_string(&(&peer.namespace_selector, &peer.pod_selector))
@@ -85,13 +122,24 @@ impl<'a> Calc<'a> {
             }
             None => pod_ns == ns,
         };
-        let m: Vec<String> = self
-            .model
-            .pods
-            .iter()
-            .filter(|(_, p)| ns_ok(&p.namespace) && pod_sel.matches(&p.labels))
-            .map(|(k, _)| k.clone())
-            .collect();
+        let model = self.model;
+        let m: Vec<String> = match &peer.namespace_selector {
+            // Only the policy's namespace: look at its pods alone.
+            None => self
+                .pods_by_ns
+                .get(ns)
+                .into_iter()
+                .flatten()
+                .filter(|k| pod_sel.matches(&model.pods[**k].labels))
+                .map(|k| k.to_string())
+                .collect(),
+            Some(_) => model
+                .pods
+                .iter()
+                .filter(|(_, p)| ns_ok(&p.namespace) && pod_sel.matches(&p.labels))
+                .map(|(k, _)| k.clone())
+                .collect(),
+        };
         let m = Arc::new(m);
         self.cache.insert(key, m.clone());
         m
@@ -99,12 +147,12 @@ impl<'a> Calc<'a> {
 
     /// The peers of a rule: `None` for every peer; otherwise the nets of
     /// ipBlocks and the pods of selectors (as keys, to resolve ports).
-    fn peers(&mut self, ns: &str, peers: &[Peer]) -> Option<(Vec<Net>, Vec<String>)> {
+    fn peers(&mut self, ns: &str, peers: &[Peer]) -> Option<(Vec<Net>, Vec<Members>)> {
         if peers.is_empty() {
             return None;
         }
         let mut nets = Vec::new();
-        let mut pods = Vec::new();
+        let mut sets = Vec::new();
         for p in peers {
             if let Some(b) = &p.ip_block {
                 if let Some(c) = cidr_of(&b.cidr) {
@@ -114,12 +162,36 @@ impl<'a> Calc<'a> {
                     });
                 }
             } else if p.pod_selector.is_some() || p.namespace_selector.is_some() {
-                pods.extend(self.members(ns, p).iter().cloned());
+                sets.push(self.members(ns, p));
             }
         }
-        pods.sort();
-        pods.dedup();
-        Some((nets, pods))
+        Some((nets, sets))
+    }
+
+    /// The host nets of a member set, built once per set.
+    fn set_nets(&mut self, m: &Members) -> Arc<Vec<Net>> {
+        let at = Arc::as_ptr(m) as usize;
+        if let Some(n) = self.nets.get(&at) {
+            return n.clone();
+        }
+        let n: Vec<Net> = m
+            .iter()
+            .filter_map(|k| self.model.pods.get(k))
+            .flat_map(|p| p.ips.iter().map(|ip| host(*ip)))
+            .collect();
+        let n = Arc::new(n);
+        self.nets.insert(at, n.clone());
+        n
+    }
+
+    /// A rule's peers as nets: ipBlocks and the members' addresses.
+    fn peer_nets(&mut self, peers: Option<(Vec<Net>, Vec<Members>)>) -> Option<Vec<Net>> {
+        peers.map(|(mut nets, sets)| {
+            for m in &sets {
+                nets.extend(self.set_nets(m).iter().cloned());
+            }
+            nets
+        })
     }
 
     /// Resolve a rule's ports against the pod at the receiving end (`None`:
@@ -158,21 +230,12 @@ impl<'a> Calc<'a> {
         Some(out)
     }
 
-    fn host_nets(&self, pods: &[String]) -> Vec<Net> {
-        pods.iter()
-            .filter_map(|k| self.model.pods.get(k))
-            .flat_map(|p| p.ips.iter().map(|ip| host(*ip)))
-            .collect()
-    }
-
     /// Ingress rules of policy `np` for endpoint `me`.
     fn ingress(&mut self, np: &NetworkPolicy, me: &PodInfo, out: &mut Vec<DpRule>) {
         for r in np.spec.ingress.iter().flatten() {
             let ports = Self::ports(&r.ports, Some(me));
-            let peers = self.peers(np.namespace(), &r.from).map(|(mut nets, pods)| {
-                nets.extend(self.host_nets(&pods));
-                nets
-            });
+            let peers = self.peers(np.namespace(), &r.from);
+            let peers = self.peer_nets(peers);
             out.push(DpRule { peers, ports });
         }
     }
@@ -184,17 +247,20 @@ impl<'a> Calc<'a> {
             let peers = self.peers(np.namespace(), &r.to);
             if !named {
                 let ports = Self::ports(&r.ports, None);
-                let peers = peers.map(|(mut nets, pods)| {
-                    nets.extend(self.host_nets(&pods));
-                    nets
-                });
+                let peers = self.peer_nets(peers);
                 out.push(DpRule { peers, ports });
                 continue;
             }
             // Named ports: one rule per destination pod, with the ports
             // resolved against it; addresses get the numeric ones only.
-            let (nets, pods) = match peers {
-                Some(x) => x,
+            let (nets, pods): (Vec<Net>, Vec<String>) = match peers {
+                Some((nets, sets)) => {
+                    let mut pods: Vec<String> =
+                        sets.iter().flat_map(|m| m.iter().cloned()).collect();
+                    pods.sort();
+                    pods.dedup();
+                    (nets, pods)
+                }
                 None => (vec![], self.model.pods.keys().cloned().collect()),
             };
             if !nets.is_empty() || r.to.is_empty() {
@@ -219,9 +285,9 @@ impl<'a> Calc<'a> {
         let Some(me) = self.model.pods.get(key) else { return EndpointPolicy::default() };
         let mut ingress: Option<Vec<DpRule>> = None;
         let mut egress: Option<Vec<DpRule>> = None;
-        let model = self.model;
-        for np in model.policies.values() {
-            if np.namespace() != me.namespace || !np.spec.pod_selector.matches(&me.labels) {
+        let policies = self.by_ns.get(me.namespace.as_str()).cloned().unwrap_or_default();
+        for np in policies {
+            if !np.spec.pod_selector.matches(&me.labels) {
                 continue;
             }
             let (ing, eg) = np.types();
