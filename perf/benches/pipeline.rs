@@ -116,7 +116,14 @@ fn forward(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("batch32", name), |b| {
             b.iter(|| {
                 restore_headers(&mut frames, &template);
-                pipeline::process(black_box(&tables), A, &mut frames, &mut verdicts, &mut tally, &mut flows);
+                pipeline::process(
+                    black_box(&tables),
+                    A,
+                    &mut frames,
+                    &mut verdicts,
+                    &mut tally,
+                    &mut flows,
+                );
                 black_box(&verdicts);
             })
         });
@@ -333,7 +340,14 @@ fn overlay(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("encap-batch32", name), |b| {
             b.iter(|| {
                 restore_headers(&mut frames, &template);
-                pipeline::process(black_box(&tables), A, &mut frames, &mut verdicts, &mut tally, &mut flows);
+                pipeline::process(
+                    black_box(&tables),
+                    A,
+                    &mut frames,
+                    &mut verdicts,
+                    &mut tally,
+                    &mut flows,
+                );
                 black_box(&verdicts);
             })
         });
@@ -355,7 +369,14 @@ fn overlay(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("decap-batch32", name), |b| {
             b.iter(|| {
                 reset(&mut frames);
-                pipeline::process(black_box(&tables), 3, &mut frames, &mut verdicts, &mut tally, &mut flows);
+                pipeline::process(
+                    black_box(&tables),
+                    3,
+                    &mut frames,
+                    &mut verdicts,
+                    &mut tally,
+                    &mut flows,
+                );
                 black_box(&verdicts);
             })
         });
