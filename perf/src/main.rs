@@ -58,6 +58,12 @@ enum Cmd {
     /// Pod attach latency: CNI ADD and DEL from exec to result, p50/p99
     /// over many pods, through ocelot-cni (agent + dataplane) and through
     /// the standard ptp + host-local plugins; IPAM allocations per second.
+    /// NetworkPolicy update latency in `ocelot lab` (2 nodes): from
+    /// `ocelot lab apply -f` (a policy denying all ingress to the server
+    /// pod's namespace) returning until the client pod's TCP connects to
+    /// the server pod fail, and from `ocelot lab delete -f` returning until
+    /// they succeed again; p50, p99 and max over --rounds.
+    PolicyUpdate(PolicyUpdateArgs),
     CniAdd {
         /// Pods to attach.
         #[arg(long, default_value_t = 100)]
@@ -143,6 +149,31 @@ struct CrossNodeArgs {
     underlay: String,
 }
 
+#[derive(Args)]
+struct PolicyUpdateArgs {
+    /// Apply/delete rounds.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    rounds: u64,
+    /// TCP port the server pod serves and the client connects to.
+    #[arg(long, default_value_t = 80)]
+    port: u16,
+    /// Milliseconds between the starts of two probe connects (the resolution).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    interval_ms: u64,
+    /// A probe connect not established within this many milliseconds counts as denied.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    connect_timeout_ms: u64,
+    /// Fail when a direction has not taken effect within this many milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    give_up_ms: u64,
+    /// The lab's IP pool (VXLAN).
+    #[arg(long, default_value = "10.65.0.0/16")]
+    pool: String,
+    /// Block size of the pool.
+    #[arg(long, default_value_t = 26, value_parser = clap::value_parser!(u8).range(1..=30))]
+    block_size: u8,
+}
+
 /// The paths of `--paths`, in column order.
 #[derive(Clone, Debug)]
 struct PathSet(Vec<PathId>);
@@ -204,6 +235,7 @@ fn run(cli: &Cli) -> Result<()> {
     const TOOLS: [&str; 5] = ["ip", "ss", "ping", "iperf3", "sockperf"];
     let bin_dir = match &cli.cmd {
         Cmd::CrossNode(_) => preflight(&[&TOOLS[..], &["bridge"]].concat())?,
+        Cmd::PolicyUpdate(_) => preflight(&["ip", "bridge"])?,
         _ => {
             let d = preflight(&TOOLS)?;
             need_dataplane(&d)?;
@@ -237,6 +269,19 @@ fn run(cli: &Cli) -> Result<()> {
             };
             cross_node::run(&a.suite.params(&[1, 4]), &p, &progress)?
         }
+        Cmd::PolicyUpdate(a) => scenario::policy_update::run(
+            &scenario::policy_update::PolicyUpdateParams {
+                rounds: a.rounds as usize,
+                port: a.port,
+                interval_ms: a.interval_ms,
+                connect_timeout_ms: a.connect_timeout_ms,
+                give_up_ms: a.give_up_ms,
+                pool: a.pool.clone(),
+                block_size: a.block_size,
+                bin_dir,
+            },
+            &progress,
+        )?,
         Cmd::CniAdd { pods, cni_dir } => scenario::cni_add::run(
             &scenario::cni_add::CniAddParams { pods: *pods, cni_dir: cni_dir.clone() },
             &progress,

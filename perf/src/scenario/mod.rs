@@ -5,6 +5,7 @@
 
 pub mod cni_add;
 pub mod cross_node;
+pub mod policy_update;
 pub mod same_node;
 
 use crate::interrupt;

@@ -33,6 +33,12 @@ const DOWN_TIMEOUT: Duration = Duration::from_secs(60);
 /// nodes, the namespace and the two pods (no containerPorts: nothing else
 /// listens in them).
 pub fn manifest(encap: Encap, pool: &str, block_size: u8) -> String {
+    manifest_serving(encap, pool, block_size, &[])
+}
+
+/// [`manifest`] with the server pod declaring `server_tcp` as TCP
+/// containerPorts, which the lab serves.
+pub fn manifest_serving(encap: Encap, pool: &str, block_size: u8, server_tcp: &[u16]) -> String {
     let (vxlan, ipip) = match encap {
         Encap::Vxlan => ("Always", "Never"),
         Encap::Ipip => ("Never", "Always"),
@@ -54,6 +60,14 @@ pub fn manifest(encap: Encap, pool: &str, block_size: u8) -> String {
             "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  namespace: {NAMESPACE}\n\
              spec:\n  nodeName: {node}\n"
         ));
+        if pod == SERVER && !server_tcp.is_empty() {
+            m.push_str("  containers:\n  - name: serve\n    ports:\n");
+            for port in server_tcp {
+                m.push_str(&format!(
+                    "    - {{name: serve-{port}-tcp, containerPort: {port}, protocol: TCP}}\n"
+                ));
+            }
+        }
     }
     m
 }
@@ -79,6 +93,8 @@ pub struct LabNode {
     #[serde(rename = "internalIP")]
     pub internal_ip: String,
     pub dataplane: Option<LabProc>,
+    #[serde(default)]
+    pub agent: Option<LabProc>,
     #[serde(rename = "dataplaneSocket")]
     pub dataplane_socket: PathBuf,
     pub dir: PathBuf,
@@ -213,6 +229,19 @@ impl OcelotLab {
         mtu: u32,
         bin_dir: &Path,
     ) -> Result<OcelotLab> {
+        OcelotLab::up_serving(encap, pool, block_size, mtu, bin_dir, &[])
+    }
+
+    /// [`OcelotLab::up`] with the server pod serving `server_tcp`
+    /// ([`manifest_serving`]).
+    pub fn up_serving(
+        encap: Encap,
+        pool: &str,
+        block_size: u8,
+        mtu: u32,
+        bin_dir: &Path,
+        server_tcp: &[u16],
+    ) -> Result<OcelotLab> {
         for b in ["ocelot", "ocelot-dataplane", "ocelot-cni"] {
             if !bin_dir.join(b).is_file() {
                 bail!(
@@ -229,7 +258,7 @@ impl OcelotLab {
             run_dir: Some(TempDir::new("ocelot-perf-lab-")),
         };
         let file = guard.run_dir.as_ref().expect("run dir").0.join("lab.yaml");
-        std::fs::write(&file, manifest(encap, pool, block_size))?;
+        std::fs::write(&file, manifest_serving(encap, pool, block_size, server_tcp))?;
         let (file, mtu, bins) =
             (file.display().to_string(), mtu.to_string(), bin_dir.display().to_string());
         guard.run("up", &["-f", &file, "--mtu", &mtu, "--bin-dir", &bins], UP_TIMEOUT)?;
@@ -268,9 +297,38 @@ impl OcelotLab {
         &self.guard.name
     }
 
+    /// Run `ocelot lab <sub> -f <file>` (`apply` or `delete`) and wait for
+    /// its exit without polling, so the time it returns is exact to the
+    /// scheduler; how long it took. Interrupted by Ctrl-C like any tool (it
+    /// is in our process group).
+    pub fn run_file(&self, sub: &str, file: &Path) -> Result<Duration> {
+        let what = format!("`ocelot lab {sub} -f {}`", file.display());
+        let mut c = self.guard.command(sub);
+        c.arg("-f").arg(file).stdin(std::process::Stdio::null());
+        let t = std::time::Instant::now();
+        let out = c.output().with_context(|| format!("cannot run {what}"))?;
+        let took = t.elapsed();
+        crate::interrupt::check()?;
+        if !out.status.success() {
+            bail!(
+                "{what} failed ({}):\n{}{}",
+                out.status,
+                tools::tail(&String::from_utf8_lossy(&out.stdout), 10),
+                tools::tail(&String::from_utf8_lossy(&out.stderr), 15)
+            );
+        }
+        Ok(took)
+    }
+
+    /// The directory the lab keeps its own files in (holds no state of
+    /// ours; a place for the files given to `apply`).
+    pub fn run_dir(&self) -> &Path {
+        &self.guard.run_dir.as_ref().expect("run dir").0
+    }
+
     /// Warnings and errors the nodes' dataplanes and agents logged, last
     /// few per file, for failure messages.
-    fn log_problems(&self) -> Vec<String> {
+    pub fn log_problems(&self) -> Vec<String> {
         let mut out = Vec::new();
         for n in &self.nodes {
             for f in ["dataplane.log", "agent.log"] {
@@ -373,6 +431,31 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_server_serves_its_ports() {
+        let m = manifest_serving(Encap::Vxlan, "10.65.0.0/16", 26, &[80, 8080]);
+        let (objs, skipped) = ocelot_control::model::parse_documents(&m).unwrap();
+        assert!(skipped.is_empty(), "{skipped:?}");
+        let ports: Vec<_> = objs
+            .iter()
+            .filter_map(|o| match o {
+                ocelot_control::model::Object::Pod(p) => Some((
+                    p.key(),
+                    p.spec
+                        .containers
+                        .iter()
+                        .flat_map(|c| c.ports.iter().map(|p| p.container_port))
+                        .collect::<Vec<_>>(),
+                )),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            ports,
+            [("perf/client".to_string(), vec![]), ("perf/server".to_string(), vec![80, 8080])]
+        );
+    }
+
     // `ocelot lab get pods -o json` on the vxlan manifest (2026-11-23).
     const PODS: &str = r#"[
   {"containerID": "cc95c01e67bd", "ip": "10.65.0.0", "ips": ["10.65.0.0"], "name": "client",
@@ -419,6 +502,8 @@ mod tests {
         assert_eq!(n[0].dataplane_socket, PathBuf::from("/r/pfxman/nodes/node-1/dp.sock"));
         assert_eq!(n[1].internal_ip, "192.0.2.12");
         assert_eq!(n[1].dataplane, None);
+        assert_eq!(n[0].agent, Some(LabProc { pid: 14185 }));
+        assert_eq!(n[1].agent, None);
     }
 
     #[test]
