@@ -45,7 +45,9 @@ pub struct AgentArgs {
     /// MTU of the pods' interfaces (0 = auto: the CNI config's `mtu`, else 1500).
     #[arg(long, default_value_t = 0)]
     pub mtu: u32,
-    /// How often the datastore directory is checked for changes, in ms.
+    /// How often the datastore directory is checked for changes, in ms,
+    /// besides the kernel's file notifications (which wake the agent at
+    /// once): the fallback when notifications are unavailable.
     #[arg(long, default_value_t = 200)]
     pub poll_ms: u64,
     /// VXLAN network identifier (Calico's default).
@@ -354,6 +356,34 @@ impl Agent {
     }
 }
 
+/// Watch the datastore directory and its IPAM state through the kernel's
+/// file notifications (inotify), so a change is picked up within
+/// milliseconds rather than at the next poll. `None` (logged) when the
+/// watch cannot be set up: the agent then polls.
+fn watch_datastore(
+    dir: &std::path::Path,
+) -> Option<(notify::RecommendedWatcher, std::sync::mpsc::Receiver<()>)> {
+    use notify::Watcher as _;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut w = match notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if ev.is_ok() {
+            let _ = tx.send(());
+        }
+    }) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!("no file notifications, polling the datastore: {e}");
+            return None;
+        }
+    };
+    for d in [dir.to_path_buf(), dir.join(".ipam")] {
+        if let Err(e) = w.watch(&d, notify::RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %d.display(), "cannot watch, polling it: {e}");
+        }
+    }
+    Some((w, rx))
+}
+
 /// The endpoint name for a handle: unique per container and interface,
 /// 15 characters at most (it names the TAP before it moves into the pod).
 pub fn endpoint_name(handle: &str) -> String {
@@ -374,6 +404,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
     cni::serve(&args.cni_socket, agent.clone())?;
     let a = agent.clone();
+    let wake = watch_datastore(&args.datastore);
     std::thread::Builder::new().name("ocelot-watch".into()).spawn(move || loop {
         let changed = a.refresh();
         if changed {
@@ -385,7 +416,19 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             a.sync_overlay();
             a.sync_policy();
         }
-        std::thread::sleep(Duration::from_millis(a.args.poll_ms));
+        // Woken by the filesystem as soon as a file changes; the poll
+        // interval remains the fallback (and the retry pace).
+        let poll = Duration::from_millis(a.args.poll_ms);
+        match &wake {
+            Some((_, rx)) => {
+                if rx.recv_timeout(poll).is_ok() {
+                    // Let a burst of writes land, then take them all at once.
+                    std::thread::sleep(Duration::from_millis(2));
+                    while rx.try_recv().is_ok() {}
+                }
+            }
+            None => std::thread::sleep(poll),
+        }
     })?;
     agent.ensure_dataplane();
     ocelot_dataplane::sys::signals::wait(&set);

@@ -299,9 +299,9 @@ pub fn run(p: &PolicyUpdateParams, progress: &dyn Fn(&str)) -> Result<Report> {
         }),
     );
     report.notes.push(format!(
-        "the agents poll the datastore directory every {poll} ms, so about {poll} ms is the \
-         floor of the worst case and half of it the expected median; the min is about what \
-         the agent's resync and the dataplane update cost"
+        "the agents wake on file notifications (inotify) and poll the datastore directory \
+         every {poll} ms as a fallback: without notifications, about {poll} ms would be the \
+         worst case; the min is about what the agent's resync and the dataplane update cost"
     ));
     report.notes.push(format!(
         "resolution: a connect starts every {} ms (each given up after {} ms); a latency is the \
