@@ -83,6 +83,18 @@ fn verdict(c: &mut Criterion) {
             b.iter(|| black_box(Classifier::compile(r)))
         });
     }
+    // The hard shape: every rule its own peer and its own port (nothing
+    // merges; thousands of classes on both sides).
+    for n in [10_000u32, 50_000] {
+        let mut r = rules(n);
+        for (i, rule) in r.iter_mut().enumerate() {
+            let p = 1024 + (i % 60_000) as u16;
+            rule.ports = Some(vec![PortRange { proto: Proto::Tcp, first: p, last: p }]);
+        }
+        g.bench_with_input(BenchmarkId::new("distinct-ports", n), &r, |b, r| {
+            b.iter(|| black_box(Classifier::compile(r)))
+        });
+    }
     g.finish();
 }
 

@@ -64,6 +64,12 @@ enum Cmd {
     /// the server pod fail, and from `ocelot lab delete -f` returning until
     /// they succeed again; p50, p99 and max over --rounds.
     PolicyUpdate(PolicyUpdateArgs),
+    /// New TCP connections per second (a connect/close loop) from pod A to
+    /// pod B on one node, with a large ingress policy on pod B: Ocelot's
+    /// dataplane policy vs the same rules as one iptables chain and as an
+    /// ipset, plus both paths without rules; connect p50/p99 and the ratios.
+    /// A path that fails is reported and the others are measured anyway.
+    ConnRate(ConnRateArgs),
     CniAdd {
         /// Pods to attach.
         #[arg(long, default_value_t = 100)]
@@ -174,6 +180,40 @@ struct PolicyUpdateArgs {
     block_size: u8,
 }
 
+#[derive(Args)]
+struct ConnRateArgs {
+    /// Seconds of connect/close loop per path.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=3600))]
+    duration: u32,
+    /// Seconds of loop before each measurement, not counted.
+    #[arg(long, default_value_t = 1)]
+    warmup: u32,
+    /// Allow rules on the server pod (the last one allows the client).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    rules: u64,
+    /// Concurrent connect/close loops in the client pod.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
+    parallel: u64,
+    /// TCP port of the server.
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// IP pool routed to the Ocelot dataplane.
+    #[arg(long, default_value = "10.66.0.0/16")]
+    pool: String,
+    /// The node's own address.
+    #[arg(long, default_value = "192.0.2.10")]
+    node_ip: String,
+    /// Address of pod A, the client.
+    #[arg(long, default_value = "10.66.0.2")]
+    client_ip: std::net::Ipv4Addr,
+    /// Address of pod B, the server.
+    #[arg(long, default_value = "10.66.0.3")]
+    server_ip: std::net::Ipv4Addr,
+    /// Extra flags for `ocelot-dataplane run`.
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    dp_args: String,
+}
+
 /// The paths of `--paths`, in column order.
 #[derive(Clone, Debug)]
 struct PathSet(Vec<PathId>);
@@ -236,6 +276,12 @@ fn run(cli: &Cli) -> Result<()> {
     let bin_dir = match &cli.cmd {
         Cmd::CrossNode(_) => preflight(&[&TOOLS[..], &["bridge"]].concat())?,
         Cmd::PolicyUpdate(_) => preflight(&["ip", "bridge"])?,
+        Cmd::ConnRate(_) => {
+            // ipset is checked when its path runs: missing, that path fails.
+            let d = preflight(&["ip", "ping", "iptables-restore"])?;
+            need_dataplane(&d)?;
+            d
+        }
         _ => {
             let d = preflight(&TOOLS)?;
             need_dataplane(&d)?;
@@ -279,6 +325,21 @@ fn run(cli: &Cli) -> Result<()> {
                 pool: a.pool.clone(),
                 block_size: a.block_size,
                 bin_dir,
+            },
+            &progress,
+        )?,
+        Cmd::ConnRate(a) => scenario::conn_rate::run(
+            &scenario::conn_rate::ConnRateParams {
+                duration: a.duration,
+                warmup: a.warmup,
+                rules: a.rules as usize,
+                parallel: a.parallel as usize,
+                port: a.port,
+                pool: a.pool.clone(),
+                node_ip: a.node_ip.clone(),
+                client_ip: a.client_ip,
+                server_ip: a.server_ip,
+                dp_args: a.dp_args.clone(),
             },
             &progress,
         )?,

@@ -18,7 +18,7 @@
 //! length), one binary search over the interval starts of the protocol,
 //! and one bit test.
 
-use super::{EndpointPolicy, Proto, Rule};
+use super::{EndpointPolicy, PortRange, Proto, Rule};
 use crate::api::Cidr;
 use crate::tables::Lpm;
 use rustc_hash::FxHashMap;
@@ -35,8 +35,54 @@ fn clear(b: &mut Bits, i: usize) {
     b[i / 64] &= !(1 << (i % 64));
 }
 
-fn meet(a: &Bits, b: &Bits) -> bool {
-    a.iter().zip(b).any(|(x, y)| x & y != 0)
+/// Call `f` with the index of every set bit.
+fn for_each_bit(b: &Bits, mut f: impl FnMut(usize)) {
+    for (w, word) in b.iter().enumerate() {
+        let mut x = *word;
+        while x != 0 {
+            let t = x.trailing_zeros() as usize;
+            f(w * 64 + t);
+            x &= x - 1;
+        }
+    }
+}
+
+/// Up to this many (peer class, port class) cells, a bit matrix (2 MiB);
+/// beyond, the allowed pairs in a hash set (many classes on both sides,
+/// for example thousands of peers each on its own port).
+const DENSE_CELLS: usize = 1 << 24;
+
+/// The allowed (peer class, port class) pairs.
+#[derive(Clone)]
+enum Allowed {
+    /// Bit `a * port_classes + b`.
+    Dense(Vec<u64>),
+    Sparse(rustc_hash::FxHashSet<(u32, u32)>),
+}
+
+impl Allowed {
+    fn set(&mut self, a: u32, b: u32, port_classes: u32) {
+        match self {
+            Allowed::Dense(v) => {
+                let bit = a as usize * port_classes as usize + b as usize;
+                v[bit / 64] |= 1 << (bit % 64);
+            }
+            Allowed::Sparse(s) => {
+                s.insert((a, b));
+            }
+        }
+    }
+
+    #[inline]
+    fn get(&self, a: u32, b: u32, port_classes: u32) -> bool {
+        match self {
+            Allowed::Dense(v) => {
+                let bit = a as usize * port_classes as usize + b as usize;
+                v.get(bit / 64).is_some_and(|w| w & (1 << (bit % 64)) != 0)
+            }
+            Allowed::Sparse(s) => s.contains(&(a, b)),
+        }
+    }
 }
 
 /// Numbers identical rule sets.
@@ -78,8 +124,8 @@ pub struct Classifier {
     /// (the first is 0), with each interval's class.
     ports: [Vec<(u16, u32)>; 4],
     port_classes: u32,
-    /// Bit (ip_class * port_classes + port_class): allowed.
-    allowed: Vec<u64>,
+    /// Which (peer class, port class) pairs are allowed.
+    allowed: Allowed,
     /// Rules left after merging, for the record.
     pub merged_rules: usize,
     pub ip_classes: u32,
@@ -105,18 +151,25 @@ fn inside(outer: (u32, u8), inner: (u32, u8)) -> bool {
 /// Merge rules with identical port sets, uniting their peers.
 fn merge(rules: &[Rule]) -> Vec<Rule> {
     let mut by_ports: Vec<Rule> = Vec::new();
+    let mut index: FxHashMap<Option<Vec<PortRange>>, usize> = FxHashMap::default();
     for r in rules {
         let mut ports = r.ports.clone();
         if let Some(p) = ports.as_mut() {
             p.sort_by_key(|r| (r.proto, r.first, r.last));
             p.dedup();
         }
-        match by_ports.iter_mut().find(|m| m.ports == ports) {
-            Some(m) => match (m.peers.as_mut(), &r.peers) {
-                (Some(acc), Some(more)) => acc.extend(more.iter().cloned()),
-                _ => m.peers = None,
-            },
-            None => by_ports.push(Rule { peers: r.peers.clone(), ports }),
+        match index.get(&ports) {
+            Some(&i) => {
+                let m = &mut by_ports[i];
+                match (m.peers.as_mut(), &r.peers) {
+                    (Some(acc), Some(more)) => acc.extend(more.iter().cloned()),
+                    _ => m.peers = None,
+                }
+            }
+            None => {
+                index.insert(ports.clone(), by_ports.len());
+                by_ports.push(Rule { peers: r.peers.clone(), ports });
+            }
         }
     }
     by_ports
@@ -280,14 +333,27 @@ impl Classifier {
         }
         let port_classes = pclasses.sets.len() as u32;
 
-        // The matrix.
+        // Which (peer class, port class) pairs meet: through each rule's
+        // classes on both sides (an inverted index), so the cost follows the
+        // pairs that exist, not all pairs times the rules.
+        let mut rule_ip: Vec<Vec<u32>> = vec![Vec::new(); n];
+        for (a, set) in classes.sets.iter().enumerate() {
+            for_each_bit(set, |i| rule_ip[i].push(a as u32));
+        }
+        let mut rule_port: Vec<Vec<u32>> = vec![Vec::new(); n];
+        for (b, set) in pclasses.sets.iter().enumerate() {
+            for_each_bit(set, |i| rule_port[i].push(b as u32));
+        }
         let cells = ip_class_count * port_classes as usize;
-        let mut allowed = vec![0u64; cells.div_ceil(64)];
-        for (a, ia) in classes.sets.iter().enumerate() {
-            for (b, pb) in pclasses.sets.iter().enumerate() {
-                if meet(ia, pb) {
-                    let bit = a * port_classes as usize + b;
-                    allowed[bit / 64] |= 1 << (bit % 64);
+        let mut allowed = if cells <= DENSE_CELLS {
+            Allowed::Dense(vec![0u64; cells.div_ceil(64)])
+        } else {
+            Allowed::Sparse(Default::default())
+        };
+        for i in 0..n {
+            for &a in &rule_ip[i] {
+                for &b in &rule_port[i] {
+                    allowed.set(a, b, port_classes);
                 }
             }
         }
@@ -311,8 +377,7 @@ impl Classifier {
         let port = if proto.is_none() { 0 } else { port };
         let i = t.partition_point(|(start, _)| *start <= port).saturating_sub(1);
         let b = t.get(i).map_or(0, |x| x.1);
-        let bit = a as usize * self.port_classes as usize + b as usize;
-        self.allowed.get(bit / 64).is_some_and(|w| w & (1 << (bit % 64)) != 0)
+        self.allowed.get(a, b, self.port_classes)
     }
 
     /// Prefixes in the peer table.
@@ -353,7 +418,7 @@ impl CompiledPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{Net, PortRange};
+    use crate::policy::Net;
 
     fn cidr(s: &str) -> Cidr {
         s.parse().unwrap()
@@ -523,5 +588,31 @@ mod tests {
         assert!(!c.allows(Ipv4Addr::from(0x0a00_0002), Some(Proto::Tcp), 8080));
         assert!(c.allows(Ipv4Addr::from(0x0a00_0003), Some(Proto::Tcp), 8080));
         assert!(!c.allows(Ipv4Addr::from(0x0b00_0003), Some(Proto::Tcp), 8080));
+    }
+
+    #[test]
+    fn thousands_of_peers_each_on_its_own_port_compile_fast_and_agree() {
+        // Many classes on both sides: the sparse pair set, and a compile
+        // cost that follows the pairs that exist.
+        let n = 6_000u32;
+        let rules: Vec<Rule> = (0..n)
+            .map(|i| Rule {
+                peers: Some(vec![Net {
+                    cidr: Cidr { addr: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), len: 32 },
+                    except: vec![],
+                }]),
+                ports: Some(vec![tcp(1000 + i as u16, 1000 + i as u16)]),
+            })
+            .collect();
+        let t = std::time::Instant::now();
+        let c = Classifier::compile(&rules);
+        assert!(t.elapsed() < std::time::Duration::from_secs(20), "{:?}", t.elapsed());
+        assert!(matches!(c.allowed, Allowed::Sparse(_)), "{c:?}");
+        for i in (0..n).step_by(97) {
+            let peer = Ipv4Addr::from(0x0a00_0000 + i);
+            assert!(c.allows(peer, Some(Proto::Tcp), 1000 + i as u16));
+            assert!(!c.allows(peer, Some(Proto::Tcp), 1001 + i as u16));
+            assert!(!c.allows(peer, Some(Proto::Udp), 1000 + i as u16));
+        }
     }
 }

@@ -4,6 +4,7 @@
 //! machine conditions, and records the results in a [`Report`].
 
 pub mod cni_add;
+pub mod conn_rate;
 pub mod cross_node;
 pub mod policy_update;
 pub mod same_node;
