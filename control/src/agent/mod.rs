@@ -94,6 +94,8 @@ pub struct Agent {
     /// The NetworkPolicy the dataplane has, per endpoint (emptied when the
     /// connection is re-made, so everything is sent again).
     policies_sent: Mutex<BTreeMap<String, ocelot_dataplane::policy::EndpointPolicy>>,
+    /// The policy calculation graph, kept between changes.
+    policy_graph: Mutex<Option<crate::policy::calc::Graph>>,
 }
 
 impl Agent {
@@ -109,6 +111,7 @@ impl Agent {
             overlay: Mutex::new(None),
             ipam_stamp: Mutex::new(None),
             policies_sent: Mutex::new(BTreeMap::new()),
+            policy_graph: Mutex::new(None),
             args,
         })
     }
@@ -208,9 +211,22 @@ impl Agent {
                 .collect()
         };
         let t0 = std::time::Instant::now();
-        let want = {
+        let model = {
             let c = self.cluster.read().unwrap_or_else(|e| e.into_inner());
-            policy::desired(&policy::model(&c, &ipam), &endpoints)
+            policy::model(&c, &ipam)
+        };
+        // The calculation graph recomputes only what the change touches.
+        let (want, recomputed) = {
+            let mut g = self.policy_graph.lock().unwrap_or_else(|e| e.into_inner());
+            let recomputed = match g.as_mut() {
+                Some(graph) => graph.update(model, endpoints),
+                None => {
+                    let n = endpoints.len();
+                    *g = Some(crate::policy::calc::Graph::new(model, endpoints));
+                    n
+                }
+            };
+            (g.as_ref().map(|g| g.results.clone()).unwrap_or_default(), recomputed)
         };
         // Never hold the lock across a dataplane request: a stale connection
         // is re-made inside it, and a fresh connection clears `sent`.
@@ -238,6 +254,7 @@ impl Agent {
                 sent.retain(|k, _| want.contains_key(k));
                 tracing::info!(
                     endpoints = n,
+                    recomputed,
                     calc_us = t0.elapsed().as_micros() as u64,
                     "policy sent to the dataplane"
                 );

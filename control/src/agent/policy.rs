@@ -45,7 +45,8 @@ pub fn model(cluster: &Cluster, ipam: &IpamState) -> Model {
     }
 }
 
-/// Each local endpoint's policy, by endpoint name. `endpoints` maps
+/// Each local endpoint's policy, by endpoint name, from scratch (the agent
+/// keeps a [`crate::policy::calc::Graph`] instead). `endpoints` maps
 /// endpoint names to pod keys (`namespace/name`).
 pub fn desired(
     model: &Model,

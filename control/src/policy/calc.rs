@@ -39,15 +39,25 @@ pub struct Model {
 /// Members of one peer: pod keys (sorted).
 type Members = Arc<Vec<String>>;
 
+/// A distinct selector: (the policy's namespace, or "" with a namespace
+/// selector; the selectors serialised).
+pub type SetKey = (String, String);
+
 /// The calculation, with its caches (valid for one [`Model`]).
 pub struct Calc<'a> {
     pub model: &'a Model,
     /// Members per distinct (namespace, selectors): identical selectors in
     /// different policies share one set.
-    cache: BTreeMap<(String, String), Members>,
+    cache: BTreeMap<SetKey, Members>,
     /// The same, by the peer's address in the model: the serialised key is
     /// computed once per peer, not once per endpoint.
-    by_peer: std::collections::HashMap<(usize, usize), Members>,
+    by_peer: std::collections::HashMap<(usize, usize), (SetKey, Members)>,
+    /// Sets made during this run, with what they select (for [`Graph`]).
+    created: Vec<(SetKey, String, Peer)>,
+    /// The sets the last endpoint's rules used, and whether they depend on
+    /// every pod (egress named ports to everyone).
+    used: Vec<SetKey>,
+    uses_all: bool,
     /// Policies by namespace (a pod is selected only by its namespace's).
     by_ns: BTreeMap<&'a str, Vec<&'a NetworkPolicy>>,
     /// Pod keys by namespace (a peer without a namespace selector looks
@@ -76,6 +86,11 @@ fn cidr_of(s: &str) -> Option<Cidr> {
 
 impl<'a> Calc<'a> {
     pub fn new(model: &'a Model) -> Calc<'a> {
+        Calc::with_cache(model, BTreeMap::new())
+    }
+
+    /// A calculation reusing resolved sets (still valid for `model`).
+    pub fn with_cache(model: &'a Model, cache: BTreeMap<SetKey, Members>) -> Calc<'a> {
         let mut by_ns: BTreeMap<&'a str, Vec<&'a NetworkPolicy>> = BTreeMap::new();
         for np in model.policies.values() {
             by_ns.entry(np.namespace()).or_default().push(np);
@@ -86,8 +101,11 @@ impl<'a> Calc<'a> {
         }
         Calc {
             model,
-            cache: BTreeMap::new(),
+            cache,
             by_peer: Default::default(),
+            created: Vec::new(),
+            used: Vec::new(),
+            uses_all: false,
             by_ns,
             pods_by_ns,
             nets: Default::default(),
@@ -97,21 +115,19 @@ impl<'a> Calc<'a> {
     /// Pods a selector peer picks (for a policy in `ns`).
     fn members(&mut self, ns: &str, peer: &Peer) -> Members {
         let at = (peer as *const Peer as usize, ns.as_ptr() as usize);
-        if let Some(m) = self.by_peer.get(&at) {
+        if let Some((k, m)) = self.by_peer.get(&at) {
+            self.used.push(k.clone());
             return m.clone();
         }
-        let m = self.members_uncached(ns, peer);
-        self.by_peer.insert(at, m.clone());
+        let key = set_key(ns, peer);
+        let m = self.members_uncached(&key, ns, peer);
+        self.used.push(key.clone());
+        self.by_peer.insert(at, (key, m.clone()));
         m
     }
 
-    fn members_uncached(&mut self, ns: &str, peer: &Peer) -> Members {
-        let key = (
-            if peer.namespace_selector.is_some() { String::new() } else { ns.to_string() },
-            serde_json::to_string(&(&peer.namespace_selector, &peer.pod_selector))
-                .unwrap_or_default(),
-        );
-        if let Some(m) = self.cache.get(&key) {
+    fn members_uncached(&mut self, key: &SetKey, ns: &str, peer: &Peer) -> Members {
+        if let Some(m) = self.cache.get(key) {
             return m.clone();
         }
         let all = LabelSelector::default();
@@ -141,7 +157,8 @@ impl<'a> Calc<'a> {
                 .collect(),
         };
         let m = Arc::new(m);
-        self.cache.insert(key, m.clone());
+        self.cache.insert(key.clone(), m.clone());
+        self.created.push((key.clone(), ns.to_string(), peer.clone()));
         m
     }
 
@@ -261,7 +278,10 @@ impl<'a> Calc<'a> {
                     pods.dedup();
                     (nets, pods)
                 }
-                None => (vec![], self.model.pods.keys().cloned().collect()),
+                None => {
+                    self.uses_all = true;
+                    (vec![], self.model.pods.keys().cloned().collect())
+                }
             };
             if !nets.is_empty() || r.to.is_empty() {
                 let everyone = r.to.is_empty();
@@ -282,6 +302,8 @@ impl<'a> Calc<'a> {
 
     /// What the dataplane must enforce for the pod `key`.
     pub fn endpoint(&mut self, key: &str) -> EndpointPolicy {
+        self.used.clear();
+        self.uses_all = false;
         let Some(me) = self.model.pods.get(key) else { return EndpointPolicy::default() };
         let mut ingress: Option<Vec<DpRule>> = None;
         let mut egress: Option<Vec<DpRule>> = None;
@@ -301,6 +323,177 @@ impl<'a> Calc<'a> {
             }
         }
         EndpointPolicy { ingress, egress }
+    }
+}
+
+fn set_key(ns: &str, peer: &Peer) -> SetKey {
+    (
+        if peer.namespace_selector.is_some() { String::new() } else { ns.to_string() },
+        serde_json::to_string(&(&peer.namespace_selector, &peer.pod_selector)).unwrap_or_default(),
+    )
+}
+
+/// Does a selector peer (of a policy in `ns`) pick `pod`?
+fn peer_picks(model: &Model, ns: &str, peer: &Peer, pod: &PodInfo) -> bool {
+    let ns_ok = match &peer.namespace_selector {
+        Some(sel) => {
+            sel.matches(&model.namespaces.get(&pod.namespace).cloned().unwrap_or_default())
+        }
+        None => pod.namespace == ns,
+    };
+    ns_ok && peer.pod_selector.as_ref().is_none_or(|s| s.matches(&pod.labels))
+}
+
+/// What one endpoint's rules were made of.
+struct Deps {
+    pod: String,
+    sets: Vec<SetKey>,
+    all_pods: bool,
+}
+
+/// The calculation kept between changes, in the manner of a calculation
+/// graph: resolved selector sets persist, each knows the endpoints that
+/// use it, and a pod's change updates the sets that pick it (before or
+/// after) and recomputes only the endpoints that use those sets or are
+/// that pod. Policy and namespace changes rebuild it.
+pub struct Graph {
+    model: Model,
+    cache: BTreeMap<SetKey, Members>,
+    peers: BTreeMap<SetKey, (String, Peer)>,
+    users: BTreeMap<SetKey, std::collections::BTreeSet<String>>,
+    deps: BTreeMap<String, Deps>,
+    targets: BTreeMap<String, String>,
+    /// Each endpoint's policy, by endpoint name.
+    pub results: BTreeMap<String, EndpointPolicy>,
+}
+
+impl Graph {
+    /// Compute every endpoint (`targets`: endpoint name -> pod key).
+    pub fn new(model: Model, targets: BTreeMap<String, String>) -> Graph {
+        let mut g = Graph {
+            model,
+            cache: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            users: BTreeMap::new(),
+            deps: BTreeMap::new(),
+            targets,
+            results: BTreeMap::new(),
+        };
+        let all: Vec<String> = g.targets.keys().cloned().collect();
+        g.compute(&all);
+        g
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn targets(&self) -> &BTreeMap<String, String> {
+        &self.targets
+    }
+
+    fn compute(&mut self, endpoints: &[String]) {
+        let cache = std::mem::take(&mut self.cache);
+        let mut calc = Calc::with_cache(&self.model, cache);
+        for ep in endpoints {
+            if let Some(old) = self.deps.remove(ep) {
+                for k in &old.sets {
+                    if let Some(u) = self.users.get_mut(k) {
+                        u.remove(ep);
+                    }
+                }
+            }
+            let Some(pod) = self.targets.get(ep) else {
+                self.results.remove(ep);
+                continue;
+            };
+            let p = calc.endpoint(pod);
+            let mut sets = std::mem::take(&mut calc.used);
+            sets.sort();
+            sets.dedup();
+            for k in &sets {
+                self.users.entry(k.clone()).or_default().insert(ep.clone());
+            }
+            self.deps.insert(ep.clone(), Deps { pod: pod.clone(), sets, all_pods: calc.uses_all });
+            self.results.insert(ep.clone(), p);
+        }
+        for (k, ns, peer) in std::mem::take(&mut calc.created) {
+            self.peers.insert(k, (ns, peer));
+        }
+        self.cache = std::mem::take(&mut calc.cache);
+    }
+
+    /// One pod changed (labels, addresses, ports), appeared (`Some`) or
+    /// went (`None`). Returns how many endpoints were computed again.
+    pub fn pod_changed(&mut self, key: &str, new: Option<PodInfo>) -> usize {
+        let old = self.model.pods.get(key).cloned();
+        if old == new {
+            return 0;
+        }
+        let mut stale: std::collections::BTreeSet<String> = self
+            .deps
+            .iter()
+            .filter(|(_, d)| d.all_pods || d.pod == key)
+            .map(|(e, _)| e.clone())
+            .collect();
+        let mut touched = Vec::new();
+        for (k, (ns, peer)) in &self.peers {
+            let before = old.as_ref().is_some_and(|p| peer_picks(&self.model, ns, peer, p));
+            let after = new.as_ref().is_some_and(|p| peer_picks(&self.model, ns, peer, p));
+            if before || after {
+                touched.push((k.clone(), after));
+            }
+        }
+        for (k, member) in touched {
+            if let Some(m) = self.cache.get_mut(&k) {
+                let mut v: Vec<String> = (**m).clone();
+                match (v.binary_search_by(|x| x.as_str().cmp(key)), member) {
+                    (Ok(i), false) => {
+                        v.remove(i);
+                    }
+                    (Err(i), true) => v.insert(i, key.to_string()),
+                    _ => {}
+                }
+                *m = Arc::new(v);
+            }
+            stale.extend(self.users.get(&k).into_iter().flatten().cloned());
+        }
+        match new {
+            Some(p) => self.model.pods.insert(key.to_string(), p),
+            None => self.model.pods.remove(key),
+        };
+        let stale: Vec<String> = stale.into_iter().collect();
+        self.compute(&stale);
+        stale.len()
+    }
+
+    /// Move to `model` and `targets`: pod changes are applied one by one;
+    /// anything else (policies, namespaces, the set of endpoints) rebuilds.
+    /// Returns how many endpoints were computed again.
+    pub fn update(&mut self, model: Model, targets: BTreeMap<String, String>) -> usize {
+        if targets != self.targets
+            || model.policies != self.model.policies
+            || model.namespaces != self.model.namespaces
+        {
+            let n = targets.len();
+            *self = Graph::new(model, targets);
+            return n;
+        }
+        let changed: Vec<String> = self
+            .model
+            .pods
+            .keys()
+            .chain(model.pods.keys())
+            .filter(|k| self.model.pods.get(*k) != model.pods.get(*k))
+            .cloned()
+            .collect::<std::collections::BTreeSet<String>>()
+            .into_iter()
+            .collect();
+        let mut n = 0;
+        for k in changed {
+            n += self.pod_changed(&k, model.pods.get(&k).cloned());
+        }
+        n
     }
 }
 
@@ -407,5 +600,89 @@ mod tests {
             failures.len(),
             failures[..failures.len().min(20)].join("\n")
         );
+    }
+
+    #[test]
+    fn the_graph_recomputes_only_what_a_pod_change_touches_and_agrees_with_a_full_run() {
+        let mut model = Model::default();
+        for n in 0..3u8 {
+            let ns = format!("n{n}");
+            model.namespaces.insert(
+                ns.clone(),
+                [("team".to_string(), format!("t{}", n % 2))].into_iter().collect(),
+            );
+            for p in 0..6u8 {
+                model.pods.insert(
+                    format!("{ns}/p{p}"),
+                    PodInfo {
+                        namespace: ns.clone(),
+                        labels: [("app".to_string(), format!("a{}", p % 3))].into_iter().collect(),
+                        ips: vec![IpAddr::V4(std::net::Ipv4Addr::new(10, n, 0, p))],
+                        ports: serde_json::from_str(r#"[{"name": "http", "containerPort": 8080}]"#)
+                            .unwrap(),
+                    },
+                );
+            }
+            let np: NetworkPolicy = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "np", "namespace": ns},
+                "spec": {
+                    "podSelector": {"matchLabels": {"app": "a0"}},
+                    "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "a1"}}},
+                                          {"namespaceSelector": {"matchLabels": {"team": "t1"}},
+                                           "podSelector": {"matchLabels": {"app": "a2"}}}],
+                                 "ports": [{"port": "http"}]}],
+                    "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "a2"}}}],
+                                "ports": [{"port": "http"}]}]
+                }
+            }))
+            .unwrap();
+            model.policies.insert(format!("{ns}/np"), np);
+        }
+        let targets: BTreeMap<String, String> =
+            model.pods.keys().step_by(2).map(|k| (format!("ep-{k}"), k.clone())).collect();
+        let mut g = Graph::new(model.clone(), targets.clone());
+        let mut x: u32 = 11;
+        let mut total = 0;
+        for step in 0..80 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            let keys: Vec<String> = model.pods.keys().cloned().collect();
+            let k = keys[(x >> 8) as usize % keys.len()].clone();
+            match step % 7 {
+                // A pod goes and comes back.
+                5 => {
+                    let p = model.pods.remove(&k).unwrap();
+                    total += g.pod_changed(&k, None);
+                    assert_eq!(g.results, Graph::new(model.clone(), targets.clone()).results);
+                    model.pods.insert(k.clone(), p.clone());
+                    total += g.pod_changed(&k, Some(p));
+                }
+                // A new address.
+                6 => {
+                    let p = model.pods.get_mut(&k).unwrap();
+                    p.ips = vec![IpAddr::V4(std::net::Ipv4Addr::new(
+                        10,
+                        9,
+                        (x >> 20) as u8,
+                        (x >> 12) as u8,
+                    ))];
+                    total += g.pod_changed(&k, Some(p.clone()));
+                }
+                _ => {
+                    let p = model.pods.get_mut(&k).unwrap();
+                    p.labels.insert("app".into(), format!("a{}", (x >> 16) % 3));
+                    total += g.pod_changed(&k, Some(p.clone()));
+                }
+            }
+            assert_eq!(
+                g.results,
+                Graph::new(model.clone(), targets.clone()).results,
+                "step {step}"
+            );
+        }
+        assert!(total < 80 * targets.len(), "recomputed {total}: not everything every time");
+        // Through `update`, a policy change rebuilds.
+        model.policies.remove("n0/np");
+        g.update(model.clone(), targets.clone());
+        assert_eq!(g.results, Graph::new(model, targets).results);
     }
 }
