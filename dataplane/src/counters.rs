@@ -118,6 +118,13 @@ impl PortStats {
         }
     }
 
+    /// Count a transmit batch: what left, and what the port refused.
+    pub fn record_tx(&self, o: &crate::port::TxOutcome) {
+        self.add_tx(o.sent, o.bytes);
+        self.drops.add(DropReason::TxFull, o.full);
+        self.drops.add(DropReason::TxError, o.failed);
+    }
+
     pub fn snapshot(&self) -> CounterSnapshot {
         CounterSnapshot {
             rx_packets: self.rx_packets.load(Relaxed),

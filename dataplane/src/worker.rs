@@ -483,19 +483,11 @@ impl Worker {
             let mut out = entry.tx.send_batch(frames, sel);
             if !self.s.segs.is_empty() {
                 let idx: Vec<u16> = (0..self.s.segs.len() as u16).collect();
-                let o = entry.tx.send_batch(&self.s.segs, &idx);
-                out.sent += o.sent;
-                out.bytes += o.bytes;
-                out.full += o.full;
-                out.failed += o.failed;
+                out.merge(entry.tx.send_batch(&self.s.segs, &idx));
                 self.s.segs.clear();
             }
-            entry.stats.add_tx(out.sent, out.bytes);
-            entry.stats.drops.add(DropReason::TxFull, out.full);
-            entry.stats.drops.add(DropReason::TxError, out.failed);
-            self.stats.port.add_tx(out.sent, out.bytes);
-            self.stats.port.drops.add(DropReason::TxFull, out.full);
-            self.stats.port.drops.add(DropReason::TxError, out.failed);
+            entry.stats.record_tx(&out);
+            self.stats.port.record_tx(&out);
         }
         // Forget ports not seen this batch so the list stays short.
         groups.retain(|g| !g.1.is_empty());

@@ -30,10 +30,21 @@ pub fn cmd(c: &str) -> Result<String> {
 pub trait PodPair {
     /// Short name of the path, e.g. `ocelot` or `kernel`.
     fn label(&self) -> &str;
-    fn client(&self) -> &Netns;
-    fn server(&self) -> &Netns;
-    fn client_ip(&self) -> &str;
-    fn server_ip(&self) -> &str;
+    /// The client's and the server's namespace and address.
+    fn ends(&self) -> [(&Netns, &str); 2];
+
+    fn client(&self) -> &Netns {
+        self.ends()[0].0
+    }
+    fn server(&self) -> &Netns {
+        self.ends()[1].0
+    }
+    fn client_ip(&self) -> &str {
+        self.ends()[0].1
+    }
+    fn server_ip(&self) -> &str {
+        self.ends()[1].1
+    }
 
     /// Fail unless the client reaches the server (ARP for the gateway,
     /// forwarding and the way back all work).
@@ -102,17 +113,8 @@ impl PodPair for OcelotSameNode {
     fn label(&self) -> &str {
         "ocelot"
     }
-    fn client(&self) -> &Netns {
-        &self.client.ns
-    }
-    fn server(&self) -> &Netns {
-        &self.server.ns
-    }
-    fn client_ip(&self) -> &str {
-        &self.client.ip
-    }
-    fn server_ip(&self) -> &str {
-        &self.server.ip
+    fn ends(&self) -> [(&Netns, &str); 2] {
+        [(&self.client.ns, &self.client.ip), (&self.server.ns, &self.server.ip)]
     }
 }
 
@@ -188,16 +190,7 @@ impl PodPair for KernelSameNode {
     fn label(&self) -> &str {
         "kernel"
     }
-    fn client(&self) -> &Netns {
-        &self.client.ns
-    }
-    fn server(&self) -> &Netns {
-        &self.server.ns
-    }
-    fn client_ip(&self) -> &str {
-        &self.client.ip
-    }
-    fn server_ip(&self) -> &str {
-        &self.server.ip
+    fn ends(&self) -> [(&Netns, &str); 2] {
+        [(&self.client.ns, &self.client.ip), (&self.server.ns, &self.server.ip)]
     }
 }

@@ -50,10 +50,9 @@ pub fn vtep_mac(n: &Node) -> MacAddr {
         .unwrap_or_else(|| MacAddr::local_from_seed(format!("vtep:{}", n.metadata.name).as_bytes()))
 }
 
-/// Is `ip` inside `net/prefix`?
+/// Are `a` and `b` in the same /`prefix`?
 fn same_subnet(a: Ipv4Addr, b: Ipv4Addr, prefix: u8) -> bool {
-    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix.min(32))) };
-    u32::from(a) & mask == u32::from(b) & mask
+    Cidr { addr: a.into(), len: prefix.min(32) }.contains(b.into())
 }
 
 /// How a pool's traffic to a node at `peer` travels, given whether the peer

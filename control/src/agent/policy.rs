@@ -1,11 +1,11 @@
-//! The policy this node's endpoints must enforce, from the cluster (pods,
-//! namespaces, NetworkPolicies) and the IPAM state (every pod's addresses,
-//! on every node), and the difference from what the dataplane already has:
-//! only endpoints whose rules changed are sent.
+//! The calculation's view of the cluster (pods, namespaces,
+//! NetworkPolicies, and every pod's addresses from the IPAM state, on every
+//! node), and the difference from what the dataplane already has: only
+//! endpoints whose rules changed are sent.
 
 use crate::datastore::Cluster;
 use crate::ipam::IpamState;
-use crate::policy::calc::{Calc, Model, PodInfo};
+use crate::policy::calc::{Model, PodInfo};
 use ocelot_dataplane::policy::EndpointPolicy;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -45,17 +45,6 @@ pub fn model(cluster: &Cluster, ipam: &IpamState) -> Model {
     }
 }
 
-/// Each local endpoint's policy, by endpoint name, from scratch (the agent
-/// keeps a [`crate::policy::calc::Graph`] instead). `endpoints` maps
-/// endpoint names to pod keys (`namespace/name`).
-pub fn desired(
-    model: &Model,
-    endpoints: &BTreeMap<String, String>,
-) -> BTreeMap<String, EndpointPolicy> {
-    let mut calc = Calc::new(model);
-    endpoints.iter().map(|(ep, pod)| (ep.clone(), calc.endpoint(pod))).collect()
-}
-
 /// What to send: the endpoints whose policy differs from `sent`.
 pub fn delta(
     sent: &BTreeMap<String, EndpointPolicy>,
@@ -72,6 +61,7 @@ mod tests {
     use super::*;
     use crate::ipam::{Allocation, Block};
     use crate::model::{parse_documents, Object};
+    use crate::policy::calc::Graph;
 
     const CLUSTER: &str = r#"
 kind: Namespace
@@ -125,7 +115,7 @@ spec:
             [("ep-a".to_string(), "x/a".to_string()), ("ep-b".to_string(), "x/b".to_string())]
                 .into_iter()
                 .collect();
-        let want = desired(&m, &eps);
+        let want = Graph::new(m, eps.clone()).results;
         let a = &want["ep-a"];
         let rules = a.ingress.as_ref().expect("x/a is isolated for ingress");
         assert_eq!(rules.len(), 1);
@@ -139,7 +129,7 @@ spec:
         // changes x/a's rules (its peer set), not x/b's.
         assert!(delta(&want, &want).is_empty());
         cluster.pods.get_mut("x/b").unwrap().metadata.labels.insert("app".into(), "other".into());
-        let again = desired(&model(&cluster, &ipam), &eps);
+        let again = Graph::new(model(&cluster, &ipam), eps).results;
         let d = delta(&want, &again);
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].0, "ep-a");

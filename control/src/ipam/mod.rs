@@ -107,37 +107,14 @@ fn v4(c: &Cidr) -> Option<(u32, u8)> {
     }
 }
 
-fn mask(len: u8) -> u32 {
-    if len == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(len))
-    }
-}
-
 /// Does `c` contain `ip`?
 pub fn contains(c: &Cidr, ip: &IpAddr) -> bool {
-    match (c.addr, ip) {
-        (IpAddr::V4(n), IpAddr::V4(a)) => (u32::from(n) ^ u32::from(*a)) & mask(c.len) == 0,
-        (IpAddr::V6(n), IpAddr::V6(a)) => {
-            let m = if c.len == 0 { 0 } else { u128::MAX << (128 - u32::from(c.len)) };
-            (u128::from(n) ^ u128::from(*a)) & m == 0
-        }
-        _ => false,
-    }
+    c.contains(*ip)
 }
 
 /// The network address of `c` (host bits cleared).
 pub fn network(c: &Cidr) -> Cidr {
-    match c.addr {
-        IpAddr::V4(a) => {
-            Cidr { addr: IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask(c.len))), len: c.len }
-        }
-        IpAddr::V6(a) => {
-            let m = if c.len == 0 { 0 } else { u128::MAX << (128 - u32::from(c.len)) };
-            Cidr { addr: IpAddr::V6((u128::from(a) & m).into()), len: c.len }
-        }
-    }
+    c.network()
 }
 
 /// The pure allocator over a state.

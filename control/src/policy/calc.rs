@@ -7,7 +7,6 @@
 //! so the cost of a full calculation follows the number of distinct
 //! selectors, not rules times pods.
 
-use super::eval::in_cidr;
 use super::{LabelSelector, NetworkPolicy, Peer, PolicyPort, PortRef};
 use crate::model::ContainerPort;
 use ocelot_dataplane::api::Cidr;
@@ -495,18 +494,6 @@ impl Graph {
         }
         n
     }
-}
-
-/// Does `ip` fall in one of the nets? (For tests and diagnostics.)
-pub fn in_nets(nets: &[Net], ip: IpAddr) -> bool {
-    nets.iter().any(|n| {
-        in_cidr(ip, &n.cidr.to_string()) && !n.except.iter().any(|e| in_cidr(ip, &e.to_string()))
-    })
-}
-
-/// Rules of a policy (ingress and egress).
-pub fn rule_count(np: &NetworkPolicy) -> usize {
-    np.spec.ingress.as_ref().map_or(0, Vec::len) + np.spec.egress.as_ref().map_or(0, Vec::len)
 }
 
 #[cfg(test)]

@@ -50,19 +50,7 @@ pub struct World<'a> {
 
 /// Is `ip` inside the CIDR `cidr` (host bits ignored, as the API allows)?
 pub fn in_cidr(ip: IpAddr, cidr: &str) -> bool {
-    let Some((a, l)) = cidr.split_once('/') else { return false };
-    let (Ok(net), Ok(len)) = (a.parse::<IpAddr>(), l.parse::<u32>()) else { return false };
-    match (ip, net) {
-        (IpAddr::V4(i), IpAddr::V4(n)) if len <= 32 => {
-            let m = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-            u32::from(i) & m == u32::from(n) & m
-        }
-        (IpAddr::V6(i), IpAddr::V6(n)) if len <= 128 => {
-            let m = if len == 0 { 0 } else { u128::MAX << (128 - len) };
-            u128::from(i) & m == u128::from(n) & m
-        }
-        _ => false,
-    }
+    cidr.parse::<ocelot_dataplane::api::Cidr>().is_ok_and(|c| c.contains(ip))
 }
 
 impl World<'_> {

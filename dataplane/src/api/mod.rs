@@ -30,6 +30,32 @@ pub struct Cidr {
     pub len: u8,
 }
 
+impl Cidr {
+    /// Is `ip` inside the prefix (host bits of `addr` ignored)?
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        use crate::tables::lpm::PrefixKey;
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                u32::from(n).mask(self.len) == u32::from(a).mask(self.len)
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                u128::from(n).mask(self.len) == u128::from(a).mask(self.len)
+            }
+            _ => false,
+        }
+    }
+
+    /// The prefix with its host bits cleared.
+    pub fn network(&self) -> Cidr {
+        use crate::tables::lpm::PrefixKey;
+        let addr = match self.addr {
+            IpAddr::V4(a) => IpAddr::V4(u32::from(a).mask(self.len).into()),
+            IpAddr::V6(a) => IpAddr::V6(u128::from(a).mask(self.len).into()),
+        };
+        Cidr { addr, len: self.len }
+    }
+}
+
 impl std::fmt::Display for Cidr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.addr, self.len)

@@ -140,7 +140,11 @@ fn police(ctx: &Ctx<'_>, f: &Frame, out: crate::port::PortId) -> Result<(), Drop
     let t = ctx.tables;
     let src_pol = ctx.in_pod.and_then(|p| p.policy.as_deref());
     let dst = t.port(out).filter(|p| p.kind == crate::tables::PortKind::Pod);
-    let from_node = ctx.in_kind_host && {
+    let mut dst_pol = dst.and_then(|p| p.policy.as_deref());
+    if src_pol.is_none() && dst_pol.is_none() {
+        return Ok(());
+    }
+    if ctx.in_kind_host && dst_pol.is_some() {
         let d = f.data();
         let src = IpAddr::V4(std::net::Ipv4Addr::new(
             d[ETH_LEN + 12],
@@ -148,11 +152,13 @@ fn police(ctx: &Ctx<'_>, f: &Frame, out: crate::port::PortId) -> Result<(), Drop
             d[ETH_LEN + 14],
             d[ETH_LEN + 15],
         ));
-        t.route(src) == Hop::Local(ctx.in_port)
-    };
-    let dst_pol = if from_node { None } else { dst.and_then(|p| p.policy.as_deref()) };
-    if src_pol.is_none() && dst_pol.is_none() {
-        return Ok(());
+        // From the node itself (not an address of any pod we know of).
+        if t.route(src) == Hop::Local(ctx.in_port) {
+            dst_pol = None;
+            if src_pol.is_none() {
+                return Ok(());
+            }
+        }
     }
     let Some(flow) = filter::parse(&f.data()[ETH_LEN..]) else {
         return Err(DropReason::Malformed);

@@ -20,6 +20,7 @@
 
 use super::{EndpointPolicy, PortRange, Proto, Rule};
 use crate::api::Cidr;
+use crate::tables::lpm::PrefixKey;
 use crate::tables::Lpm;
 use rustc_hash::FxHashMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -132,20 +133,14 @@ pub struct Classifier {
 }
 
 fn v4(c: &Cidr) -> Option<(u32, u8)> {
-    match c.addr {
-        IpAddr::V4(a) => {
-            let len = c.len.min(32);
-            let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
-            Some((u32::from(a) & mask, len))
-        }
+    match c.network().addr {
+        IpAddr::V4(a) => Some((u32::from(a), c.len.min(32))),
         IpAddr::V6(_) => None,
     }
 }
 
 fn inside(outer: (u32, u8), inner: (u32, u8)) -> bool {
-    let (a, l) = outer;
-    let mask = if l == 0 { 0 } else { u32::MAX << (32 - u32::from(l)) };
-    inner.1 >= l && inner.0 & mask == a
+    inner.1 >= outer.1 && inner.0.mask(outer.1) == outer.0
 }
 
 /// Merge rules with identical port sets, uniting their peers.

@@ -77,20 +77,13 @@ pub struct EndpointPolicy {
     pub egress: Option<Vec<Rule>>,
 }
 
-/// Is `ip` in `c`?
-pub fn contains(c: &Cidr, ip: std::net::Ipv4Addr) -> bool {
-    let std::net::IpAddr::V4(n) = c.addr else { return false };
-    let mask = if c.len == 0 { 0 } else { u32::MAX << (32 - u32::from(c.len.min(32))) };
-    u32::from(ip) & mask == u32::from(n) & mask
-}
-
 impl Rule {
     /// The plain meaning of the rule, for tests: does it allow `peer` on
     /// `proto`/`port` (`proto` None: a protocol without ports, e.g. ICMP)?
     pub fn allows(&self, peer: std::net::Ipv4Addr, proto: Option<Proto>, port: u16) -> bool {
         let peer_ok = self.peers.as_ref().is_none_or(|nets| {
-            nets.iter()
-                .any(|n| contains(&n.cidr, peer) && !n.except.iter().any(|e| contains(e, peer)))
+            let ip = peer.into();
+            nets.iter().any(|n| n.cidr.contains(ip) && !n.except.iter().any(|e| e.contains(ip)))
         });
         let port_ok = self.ports.as_ref().is_none_or(|ps| {
             ps.iter().any(|r| Some(r.proto) == proto && (r.first..=r.last).contains(&port))

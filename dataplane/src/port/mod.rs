@@ -34,6 +34,9 @@ impl TxCaps {
     pub const ALL: TxCaps = TxCaps { csum: true, tso4: true, tso6: true, uso: true };
     /// Nothing: every frame must be complete and at most one MTU.
     pub const NONE: TxCaps = TxCaps { csum: false, tso4: false, tso6: false, uso: false };
+    /// What the tunnel ports finish themselves, by scatter-gather
+    /// (`gso::Wire`): partial checksums and TCP/IPv4 GSO frames.
+    pub const CSUM_TSO4: TxCaps = TxCaps { csum: true, tso4: true, tso6: false, uso: false };
 }
 
 /// Why a transmit failed.
@@ -89,4 +92,23 @@ pub struct TxOutcome {
     pub bytes: u64,
     pub full: u64,
     pub failed: u64,
+}
+
+impl TxOutcome {
+    /// Add another batch's outcome.
+    pub fn merge(&mut self, o: TxOutcome) {
+        self.sent += o.sent;
+        self.bytes += o.bytes;
+        self.full += o.full;
+        self.failed += o.failed;
+    }
+
+    /// The outcome of a one-frame batch, as [`TxPort::send`] reports it.
+    pub fn single(self) -> Result<(), TxError> {
+        match self {
+            TxOutcome { full: 0, failed: 0, .. } => Ok(()),
+            TxOutcome { failed: 0, .. } => Err(TxError::Full),
+            _ => Err(TxError::Failed),
+        }
+    }
 }

@@ -502,15 +502,11 @@ impl TxPort for VxlanTx {
     /// Partial checksums and TCP/IPv4 GSO frames are finished here, by
     /// scatter-gather, without copying payloads.
     fn caps(&self) -> TxCaps {
-        TxCaps { csum: true, tso4: true, tso6: false, uso: false }
+        TxCaps::CSUM_TSO4
     }
 
     fn send(&self, frame: &Frame) -> Result<(), TxError> {
-        match self.send_batch(std::slice::from_ref(frame), &[0]) {
-            TxOutcome { full: 0, failed: 0, .. } => Ok(()),
-            TxOutcome { failed: 0, .. } => Err(TxError::Full),
-            _ => Err(TxError::Failed),
-        }
+        self.send_batch(std::slice::from_ref(frame), &[0]).single()
     }
 
     /// Packets go out in order; consecutive ones to the same peer from the
@@ -610,15 +606,11 @@ impl TxPort for IpipSocket {
     /// here by scatter-gather (a raw socket has no GSO: one `sendmmsg`
     /// carries a batch of segments instead).
     fn caps(&self) -> TxCaps {
-        TxCaps { csum: true, tso4: true, tso6: false, uso: false }
+        TxCaps::CSUM_TSO4
     }
 
     fn send(&self, frame: &Frame) -> Result<(), TxError> {
-        match self.send_batch(std::slice::from_ref(frame), &[0]) {
-            TxOutcome { full: 0, failed: 0, .. } => Ok(()),
-            TxOutcome { failed: 0, .. } => Err(TxError::Full),
-            _ => Err(TxError::Failed),
-        }
+        self.send_batch(std::slice::from_ref(frame), &[0]).single()
     }
 
     /// The inner IP packets (frames without their Ethernet header) go to
@@ -731,35 +723,10 @@ mod tests {
     //! of the frame, each behind its tunnel header, and the receive side
     //! must hand them back one per frame, in order.
     use super::*;
-    use crate::wire::vnet::F_NEEDS_CSUM;
-    use crate::wire::GsoType;
-    use crate::{csum, gso};
-    use etherparse::PacketBuilder;
+    use crate::gso;
     use std::time::{Duration, Instant};
 
-    fn tcp_gso(payload_len: usize, mss: u16) -> Frame {
-        let payload: Vec<u8> = (0..payload_len).map(|i| (i * 13 + 1) as u8).collect();
-        let mut v = Vec::new();
-        PacketBuilder::ethernet2([0x66, 0, 0, 0, 0, 2], [0x66, 0, 0, 0, 0, 1])
-            .ipv4([10, 65, 0, 2], [10, 65, 1, 3], 63)
-            .tcp(40000, 5201, 1000, 64000)
-            .ack(5)
-            .psh()
-            .write(&mut v, &payload)
-            .unwrap();
-        let mut f = Frame::new();
-        f.set_data(&v);
-        f.vnet.flags = F_NEEDS_CSUM;
-        f.vnet.gso_type = GsoType::TcpV4;
-        f.vnet.gso_size = mss;
-        f.vnet.csum_start = 34;
-        f.vnet.csum_offset = 16;
-        // A partial checksum holds the pseudo-header sum.
-        let tcp_len = (v.len() - 34) as u32;
-        let acc = csum::sum(&v[26..34], 0) + 6 + tcp_len;
-        f.data_mut()[50..52].copy_from_slice(&csum::fold(acc).to_be_bytes());
-        f
-    }
+    use crate::gso::sample_tcp4_gso as tcp_gso;
 
     /// Receive until `want` frames arrived (or two seconds passed).
     fn drain(rx: &mut dyn RxPort, want: usize) -> Vec<Vec<u8>> {

@@ -349,17 +349,8 @@ impl PodPair for OcelotLab {
     fn label(&self) -> &str {
         &self.label
     }
-    fn client(&self) -> &Netns {
-        &self.client.ns
-    }
-    fn server(&self) -> &Netns {
-        &self.server.ns
-    }
-    fn client_ip(&self) -> &str {
-        &self.client.ip
-    }
-    fn server_ip(&self) -> &str {
-        &self.server.ip
+    fn ends(&self) -> [(&Netns, &str); 2] {
+        [(&self.client.ns, &self.client.ip), (&self.server.ns, &self.server.ip)]
     }
 
     /// The client reaches the server across the nodes; if not, say what

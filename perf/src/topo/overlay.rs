@@ -283,17 +283,8 @@ impl PodPair for KernelCrossNode {
     fn label(&self) -> &str {
         &self.label
     }
-    fn client(&self) -> &Netns {
-        &self.client.ns
-    }
-    fn server(&self) -> &Netns {
-        &self.server.ns
-    }
-    fn client_ip(&self) -> &str {
-        &self.client.ip
-    }
-    fn server_ip(&self) -> &str {
-        &self.server.ip
+    fn ends(&self) -> [(&Netns, &str); 2] {
+        [(&self.client.ns, &self.client.ip), (&self.server.ns, &self.server.ip)]
     }
 
     /// The pods reach each other, through the tunnel device.

@@ -161,43 +161,9 @@ fn assert_ping(netns: &str, ip: &str, what: &str) {
     }
 }
 
-/// Wait until something listens on TCP `port` in `netns`.
-fn wait_listening(netns: &str, port: u16) {
-    let ok = wait_until(Duration::from_secs(5), || {
-        let out = sh_out(&format!("ip netns exec {netns} ss -Hltn 'sport = :{port}'"));
-        !out.stdout.is_empty()
-    });
-    assert!(ok, "nothing listens on {port} in {netns}");
-}
-
-/// Send `bytes` random bytes over one TCP connection from `client` (a
-/// namespace) to `ip`, where `nc` in namespace `server` counts them;
-/// returns how many arrived.
+/// One TCP transfer on the port these tests use.
 fn tcp_transfer(server: &str, client: &str, ip: &str, bytes: u64) -> u64 {
-    const PORT: u16 = 5555;
-    let dir = TempDir::new("ocelot-xfer-");
-    let count = dir.0.join("count");
-    let _server = spawn_in(
-        server,
-        &format!("sh -c 'timeout 60 nc -d -l -p {PORT} | wc -c > {}'", count.display()),
-        &dir.0.join("server.log"),
-    );
-    wait_listening(server, PORT);
-    let out = sh_out(&format!(
-        "head -c {bytes} /dev/urandom | ip netns exec {client} timeout 60 nc -N {ip} {PORT}"
-    ));
-    assert!(
-        out.status.success(),
-        "TCP {client} -> {ip}:{PORT} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut got = None;
-    wait_until(Duration::from_secs(10), || {
-        got = std::fs::read_to_string(&count).ok().and_then(|s| s.trim().parse().ok());
-        got.is_some()
-    });
-    got.unwrap_or_else(|| panic!("the receiver in {server} never finished"))
+    ocelot_tests::tcp_transfer(server, client, ip, 5555, bytes)
 }
 
 /// iperf3 (a fixed 4 MiB) from `client` to `ip` in `server`: the MSS the

@@ -77,40 +77,6 @@ fn wait_overlay(lab: &Lab, node: &str, peer: &str, encap: &str) -> String {
     last["uplink_mode"].as_str().unwrap_or("").to_string()
 }
 
-fn wait_listening(netns: &str, port: u16) {
-    let ok = wait_until(Duration::from_secs(5), || {
-        !sh_out(&format!("ip netns exec {netns} ss -Hltn 'sport = :{port}'")).stdout.is_empty()
-    });
-    assert!(ok, "nothing listens on {port} in {netns}");
-}
-
-/// `bytes` over one TCP connection from namespace `client` to `ip`:`port`,
-/// counted by `nc` in namespace `server`; returns what arrived.
-fn tcp_transfer(server: &str, client: &str, ip: &str, port: u16, bytes: u64) -> u64 {
-    let dir = TempDir::new("ocelot-xdp-xfer-");
-    let count = dir.0.join("count");
-    let _server = spawn_in(
-        server,
-        &format!("sh -c 'timeout 30 nc -d -l -p {port} | wc -c > {}'", count.display()),
-        &dir.0.join("server.log"),
-    );
-    wait_listening(server, port);
-    let out = sh_out(&format!(
-        "head -c {bytes} /dev/urandom | ip netns exec {client} timeout 30 nc -N {ip} {port}"
-    ));
-    assert!(
-        out.status.success(),
-        "TCP {client} -> {ip}:{port}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut got = None;
-    wait_until(Duration::from_secs(10), || {
-        got = std::fs::read_to_string(&count).ok().and_then(|s| s.trim().parse().ok());
-        got.is_some()
-    });
-    got.unwrap_or_else(|| panic!("the receiver in {server} never finished"))
-}
-
 fn ping(netns: &str, ip: &str) {
     let out = sh_out(&format!("ip netns exec {netns} ping -c 2 -i 0.2 -W 1 {ip}"));
     assert!(

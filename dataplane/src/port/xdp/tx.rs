@@ -22,7 +22,7 @@
 //! contended when there are as many queues as workers).
 
 use super::neigh::Neighbours;
-use crate::counters::{DropReason, PortStats};
+use crate::counters::PortStats;
 use crate::frame::Frame;
 use crate::gso::Wire;
 use crate::port::{TxCaps, TxError, TxOutcome, TxPort};
@@ -269,10 +269,7 @@ impl XdpTx {
             }
             match fb {
                 Some(fb) => {
-                    let o = fb.tx.send_batch(frames, list);
-                    fb.stats.add_tx(o.sent, o.bytes);
-                    fb.stats.drops.add(DropReason::TxFull, o.full);
-                    fb.stats.drops.add(DropReason::TxError, o.failed);
+                    fb.stats.record_tx(&fb.tx.send_batch(frames, list));
                 }
                 None => out.failed += list.len() as u64,
             }
@@ -285,15 +282,11 @@ impl TxPort for XdpTx {
     /// As the socket ports: partial checksums and TCP/IPv4 GSO frames are
     /// finished here, segment by segment, into the transmit buffers.
     fn caps(&self) -> TxCaps {
-        TxCaps { csum: true, tso4: true, tso6: false, uso: false }
+        TxCaps::CSUM_TSO4
     }
 
     fn send(&self, frame: &Frame) -> Result<(), TxError> {
-        match self.send_batch(std::slice::from_ref(frame), &[0]) {
-            TxOutcome { full: 0, failed: 0, .. } => Ok(()),
-            TxOutcome { failed: 0, .. } => Err(TxError::Full),
-            _ => Err(TxError::Failed),
-        }
+        self.send_batch(std::slice::from_ref(frame), &[0]).single()
     }
 
     /// Packets through AF_XDP are counted here; those that take the kernel

@@ -5,7 +5,6 @@
 
 use super::*;
 use crate::csum;
-use crate::wire::vnet::F_NEEDS_CSUM;
 use crate::wire::GsoType;
 use etherparse::PacketBuilder;
 use serde_json::Value;
@@ -121,29 +120,7 @@ fn ipip_packets_are_the_inner_ip_packet_behind_an_outer_header() {
     assert_eq!(write_packet(&mut buf, &o, &tiny, &Wire::of(&tiny).unwrap(), 0), None);
 }
 
-/// A TCP/IPv4 GSO frame as a pod's TAP hands it over (partial checksum).
-fn tcp_gso(payload_len: usize, mss: u16) -> Frame {
-    let payload: Vec<u8> = (0..payload_len).map(|i| (i * 13 + 1) as u8).collect();
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2([0x66, 0, 0, 0, 0, 2], [0x66, 0, 0, 0, 0, 1])
-        .ipv4([10, 65, 0, 2], [10, 65, 1, 3], 63)
-        .tcp(40000, 5201, 1000, 64000)
-        .ack(5)
-        .psh()
-        .write(&mut v, &payload)
-        .unwrap();
-    let mut f = Frame::new();
-    f.set_data(&v);
-    f.vnet.flags = F_NEEDS_CSUM;
-    f.vnet.gso_type = GsoType::TcpV4;
-    f.vnet.gso_size = mss;
-    f.vnet.csum_start = 34;
-    f.vnet.csum_offset = 16;
-    let tcp_len = (v.len() - 34) as u32;
-    let acc = csum::sum(&v[26..34], 0) + 6 + tcp_len;
-    f.data_mut()[50..52].copy_from_slice(&csum::fold(acc).to_be_bytes());
-    f
-}
+use crate::gso::sample_tcp4_gso as tcp_gso;
 
 #[test]
 fn a_gso_frame_becomes_its_segments_each_behind_outer_headers() {
