@@ -17,6 +17,10 @@ pub struct Cluster {
     pub pools: BTreeMap<String, IpPool>,
     /// By `namespace/name`.
     pub policies: BTreeMap<String, crate::policy::NetworkPolicy>,
+    /// By `namespace/name`.
+    pub services: BTreeMap<String, crate::model::Service>,
+    /// By `namespace/name`.
+    pub endpoint_slices: BTreeMap<String, crate::model::EndpointSlice>,
 }
 
 impl Cluster {
@@ -38,6 +42,12 @@ impl Cluster {
                 }
                 Object::NetworkPolicy(p) => {
                     c.policies.insert(format!("{}/{}", p.namespace(), p.metadata.name), p.clone());
+                }
+                Object::Service(s) => {
+                    c.services.insert(s.key(), s.clone());
+                }
+                Object::EndpointSlice(s) => {
+                    c.endpoint_slices.insert(s.key(), s.clone());
                 }
             }
         }

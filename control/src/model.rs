@@ -164,6 +164,178 @@ pub struct IpPool {
     pub spec: IpPoolSpec,
 }
 
+/// An integer or a name (`targetPort`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum IntOrString {
+    Int(i64),
+    Str(String),
+}
+
+/// One port of a Service.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// TCP (default), UDP or SCTP.
+    #[serde(default = "tcp")]
+    pub protocol: String,
+    pub port: i64,
+    /// Defaults to `port`; a name resolves per endpoint (the pod's named
+    /// container port, carried by the EndpointSlice's ports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<IntOrString>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_port: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientIpConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionAffinityConfig {
+    #[serde(default, rename = "clientIP", skip_serializing_if = "Option::is_none")]
+    pub client_ip: Option<ClientIpConfig>,
+}
+
+/// The fields of a `v1` `ServiceSpec` Ocelot uses.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// `ClusterIP` (default), `NodePort`, `LoadBalancer`, `ExternalName`.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// An address, `None` (headless) or absent (to be allocated).
+    #[serde(default, rename = "clusterIP", skip_serializing_if = "Option::is_none")]
+    pub cluster_ip: Option<String>,
+    #[serde(default, rename = "clusterIPs", skip_serializing_if = "Vec::is_empty")]
+    pub cluster_ips: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<ServicePort>,
+    /// Pods backing the Service; absent: EndpointSlices are managed by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<BTreeMap<String, String>>,
+    /// `None` (default) or `ClientIP`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity_config: Option<SessionAffinityConfig>,
+    /// `Cluster` (default) or `Local`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_traffic_policy: Option<String>,
+    /// `Cluster` (default) or `Local`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internal_traffic_policy: Option<String>,
+    #[serde(default, rename = "externalIPs", skip_serializing_if = "Vec::is_empty")]
+    pub external_ips: Vec<String>,
+}
+
+/// `v1` `Service`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: ServiceSpec,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointConditions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminating: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectReference {
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub name: String,
+}
+
+/// One endpoint of an EndpointSlice.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub conditions: EndpointConditions,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<ObjectReference>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointPort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i64>,
+    #[serde(default = "tcp")]
+    pub protocol: String,
+}
+
+/// `discovery.k8s.io/v1` `EndpointSlice`; its Service is the
+/// `kubernetes.io/service-name` label.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointSlice {
+    pub metadata: ObjectMeta,
+    /// `IPv4` (the only kind Ocelot forwards), `IPv6`, `FQDN`.
+    #[serde(default = "ipv4_kind")]
+    pub address_type: String,
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+    #[serde(default)]
+    pub ports: Vec<EndpointPort>,
+}
+
+fn ipv4_kind() -> String {
+    "IPv4".into()
+}
+
+/// The label naming an EndpointSlice's Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+impl Service {
+    pub fn namespace(&self) -> &str {
+        self.metadata.namespace.as_deref().unwrap_or("default")
+    }
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace(), self.metadata.name)
+    }
+}
+
+impl EndpointSlice {
+    pub fn namespace(&self) -> &str {
+        self.metadata.namespace.as_deref().unwrap_or("default")
+    }
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace(), self.metadata.name)
+    }
+    /// `namespace/name` of the Service this slice belongs to.
+    pub fn service_key(&self) -> Option<String> {
+        self.metadata.labels.get(SERVICE_NAME_LABEL).map(|s| format!("{}/{}", self.namespace(), s))
+    }
+}
+
 /// One object of any kind Ocelot reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Object {
@@ -172,6 +344,8 @@ pub enum Object {
     Pod(Pod),
     IpPool(IpPool),
     NetworkPolicy(crate::policy::NetworkPolicy),
+    Service(Service),
+    EndpointSlice(EndpointSlice),
 }
 
 impl Object {
@@ -182,6 +356,8 @@ impl Object {
             Object::Pod(_) => "Pod",
             Object::IpPool(_) => "IPPool",
             Object::NetworkPolicy(_) => "NetworkPolicy",
+            Object::Service(_) => "Service",
+            Object::EndpointSlice(_) => "EndpointSlice",
         }
     }
 
@@ -192,6 +368,8 @@ impl Object {
             Object::Pod(o) => &o.metadata,
             Object::IpPool(o) => &o.metadata,
             Object::NetworkPolicy(o) => &o.metadata,
+            Object::Service(o) => &o.metadata,
+            Object::EndpointSlice(o) => &o.metadata,
         }
     }
 
@@ -202,6 +380,8 @@ impl Object {
             Object::NetworkPolicy(p) => {
                 format!("NetworkPolicy/{}/{}", p.namespace(), p.metadata.name)
             }
+            Object::Service(s) => format!("Service/{}", s.key()),
+            Object::EndpointSlice(s) => format!("EndpointSlice/{}", s.key()),
             o => format!("{}/{}", o.kind(), o.meta().name),
         }
     }
@@ -259,6 +439,16 @@ pub fn parse_documents(text: &str) -> Result<(Vec<Object>, Vec<String>), ParseEr
                 })?;
                 Object::NetworkPolicy(np)
             }
+            "Service" => {
+                let mut svc: Service = serde_norway::from_value(v.clone()).map_err(bad)?;
+                svc.metadata.namespace.get_or_insert_with(|| "default".into());
+                Object::Service(svc)
+            }
+            "EndpointSlice" => {
+                let mut es: EndpointSlice = serde_norway::from_value(v.clone()).map_err(bad)?;
+                es.metadata.namespace.get_or_insert_with(|| "default".into());
+                Object::EndpointSlice(es)
+            }
             "" => {
                 return Err(ParseError::Invalid { doc: doc_no, kind, name, err: "no kind".into() });
             }
@@ -288,6 +478,8 @@ pub fn to_yaml(o: &Object) -> String {
         Object::Pod(x) => ("v1", serde_norway::to_value(x)),
         Object::IpPool(x) => ("ocelot.dev/v1", serde_norway::to_value(x)),
         Object::NetworkPolicy(x) => ("networking.k8s.io/v1", serde_norway::to_value(x)),
+        Object::Service(x) => ("v1", serde_norway::to_value(x)),
+        Object::EndpointSlice(x) => ("discovery.k8s.io/v1", serde_norway::to_value(x)),
     };
     let mut m = serde_norway::Mapping::new();
     m.insert("apiVersion".into(), api.into());

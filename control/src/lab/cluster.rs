@@ -44,7 +44,8 @@ pub struct Lab {
 #[derive(Default, Debug)]
 pub struct Objects {
     pub pools: Vec<Object>,
-    /// NetworkPolicies: written to the datastore, enforced by the agents.
+    /// NetworkPolicies, Services and EndpointSlices: written to the
+    /// datastore as they are, acted on by the agents.
     pub policies: Vec<Object>,
     pub namespaces: Vec<Namespace>,
     pub nodes: Vec<Node>,
@@ -71,6 +72,16 @@ impl Objects {
                 Object::IpPool(_) => o.pools.push(obj),
                 Object::NetworkPolicy(ref p) => {
                     names::validate_object_name("Namespace", p.namespace())
+                        .map_err(|e| anyhow!(e))?;
+                    o.policies.push(obj)
+                }
+                Object::Service(ref s) => {
+                    names::validate_object_name("Namespace", s.namespace())
+                        .map_err(|e| anyhow!(e))?;
+                    o.policies.push(obj)
+                }
+                Object::EndpointSlice(ref s) => {
+                    names::validate_object_name("Namespace", s.namespace())
                         .map_err(|e| anyhow!(e))?;
                     o.policies.push(obj)
                 }

@@ -90,6 +90,10 @@ pub fn datastore_file(o: &Object) -> String {
         Object::NetworkPolicy(p) => {
             format!("networkpolicy-{}_{}.yaml", p.namespace(), p.metadata.name)
         }
+        Object::Service(s) => format!("service-{}_{}.yaml", s.namespace(), s.metadata.name),
+        Object::EndpointSlice(s) => {
+            format!("endpointslice-{}_{}.yaml", s.namespace(), s.metadata.name)
+        }
     }
 }
 

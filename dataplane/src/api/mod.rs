@@ -240,6 +240,120 @@ pub struct OverlayStatus {
     pub uplink_mode: String,
 }
 
+/// Where a Service is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FrontendKind {
+    /// The Service's cluster IP: from pods and from the node itself.
+    ClusterIp,
+    /// `nodePort` on one of the node's addresses, reached from outside the
+    /// node (and from its pods).
+    NodePort,
+    /// An `externalIPs` address.
+    ExternalIp,
+}
+
+/// One address and port a Service answers on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Frontend {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub kind: FrontendKind,
+}
+
+/// One backend of a Service port (an EndpointSlice endpoint, with the
+/// port resolved for it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    pub addr: IpAddr,
+    pub port: u16,
+    /// On this node (for the `Local` traffic policies).
+    #[serde(default)]
+    pub local: bool,
+    /// EndpointSlice `conditions.ready`: takes new connections.
+    #[serde(default = "yes")]
+    pub ready: bool,
+    /// `conditions.serving`: used for new connections only when no backend
+    /// is ready (as kube-proxy does).
+    #[serde(default = "yes")]
+    pub serving: bool,
+    /// `conditions.terminating`: existing connections finish, new ones go
+    /// elsewhere.
+    #[serde(default)]
+    pub terminating: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One port of one Service: its frontends and backends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// `namespace/name:port` (the port's name, or its number), for status
+    /// and logs; unique.
+    pub name: String,
+    pub proto: crate::policy::Proto,
+    pub frontends: Vec<Frontend>,
+    /// May be empty: new connections are then refused at once (TCP RST,
+    /// ICMP port unreachable).
+    #[serde(default)]
+    pub backends: Vec<Backend>,
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0 = no affinity.
+    #[serde(default)]
+    pub affinity_timeout_s: u32,
+    /// `externalTrafficPolicy: Local`: NodePort/external traffic only to
+    /// local backends, client address kept.
+    #[serde(default)]
+    pub external_local: bool,
+    /// `internalTrafficPolicy: Local`: cluster-IP traffic only to local
+    /// backends.
+    #[serde(default)]
+    pub internal_local: bool,
+}
+
+/// Source NAT of pod traffic leaving the cluster (`natOutgoing`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatOutgoingSpec {
+    /// Pods whose address is in one of these (the pools with
+    /// `natOutgoing: true`) are translated...
+    #[serde(default)]
+    pub sources: Vec<Cidr>,
+    /// ...unless the destination is in one of these: every pool, the
+    /// service ranges, the nodes' addresses.
+    #[serde(default)]
+    pub exclude: Vec<Cidr>,
+    /// The address they leave with; `None` = the uplink's address.
+    #[serde(default)]
+    pub addr: Option<IpAddr>,
+}
+
+/// Everything the dataplane translates: Services and natOutgoing. Replaced
+/// whole by `set_services`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicesSpec {
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+    /// The cluster-IP ranges: routed from the node into the dataplane.
+    #[serde(default)]
+    pub service_cidrs: Vec<Cidr>,
+    /// The NodePort range, inclusive (Kubernetes' default 30000-32767).
+    #[serde(default = "default_node_port_range")]
+    pub node_port_range: (u16, u16),
+    #[serde(default)]
+    pub nat_outgoing: NatOutgoingSpec,
+}
+
+/// Kubernetes' default `--service-node-port-range`.
+pub fn default_node_port_range() -> (u16, u16) {
+    (30000, 32767)
+}
+
 /// One endpoint's policy.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -274,6 +388,9 @@ pub enum Request {
     /// An endpoint may get its policy before it exists: it applies from
     /// the endpoint's first packet.
     SetPolicies { policies: Vec<EndpointPolicyUpdate> },
+    /// Replace the Services and natOutgoing (validated whole first;
+    /// persisted). Existing connections keep their translation.
+    SetServices { services: ServicesSpec },
     /// Read every counter.
     Counters,
     /// Read the endpoints, pools and table version.
