@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod datastore;
 pub mod ipam;
+pub mod k8s;
 pub mod lab;
 pub mod model;
 pub mod policy;

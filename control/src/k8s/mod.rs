@@ -1,0 +1,10 @@
+//! The Kubernetes API backend: the agent's datastore read from the API
+//! server (watchers on Nodes, Namespaces, Pods, NetworkPolicies, IPPools,
+//! Services, EndpointSlices), the Node status the agent publishes, and the
+//! IPAM custom resources and their store.
+//!
+//! Files: `convert` (k8s-openapi objects to model types, pure), `watch`
+//! (watch streams applied to stores of converted objects), `datastore`
+//! (`KubeDatastore`, the `Datastore` trait over them), `publish` (Node
+//! annotations, the `NetworkUnavailable` condition, Events). The IPAM side
+//! (`crd`, `ipam*`, `controller*`) is its own.
