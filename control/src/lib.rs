@@ -8,3 +8,4 @@ pub mod k8s;
 pub mod lab;
 pub mod model;
 pub mod policy;
+pub mod services;

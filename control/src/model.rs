@@ -15,6 +15,10 @@ pub struct ObjectMeta {
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// RFC 3339, as the API server sets it (the older of two Services
+    /// claiming one nodePort keeps it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,11 +105,36 @@ pub struct PodSpec {
     pub containers: Vec<Container>,
 }
 
+/// One of `status.podIPs`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodIp {
+    pub ip: String,
+}
+
+/// The pod's addresses as the API server reports them (`status.podIPs`).
+/// The policy calculation takes them besides the IPAM allocations, so a
+/// pod whose address Ocelot's IPAM did not give (another node's CNI, a
+/// pod created before Ocelot) is still a peer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    #[serde(default, rename = "podIPs", skip_serializing_if = "Vec::is_empty")]
+    pub pod_ips: Vec<PodIp>,
+}
+
+impl PodStatus {
+    fn is_empty(&self) -> bool {
+        self.pod_ips.is_empty()
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pod {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: PodSpec,
+    #[serde(default, skip_serializing_if = "PodStatus::is_empty")]
+    pub status: PodStatus,
 }
 
 impl Pod {
@@ -121,6 +150,11 @@ impl Pod {
     /// `namespace/name`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace(), self.metadata.name)
+    }
+
+    /// The addresses in `status.podIPs` that parse.
+    pub fn status_ips(&self) -> impl Iterator<Item = std::net::IpAddr> + '_ {
+        self.status.pod_ips.iter().filter_map(|p| p.ip.parse().ok())
     }
 }
 
