@@ -14,6 +14,7 @@ mod dataplane;
 pub mod overlay;
 pub mod policy;
 pub mod pools;
+pub mod services;
 
 use crate::datastore::{Cluster, Datastore, DirDatastore};
 use crate::ipam::store::FileStore;
@@ -68,6 +69,16 @@ pub struct AgentArgs {
     /// perf/README.md) or `auto` (XDP when it attaches, else sockets).
     #[arg(long, env = "OCELOT_UPLINK_MODE", default_value = "socket")]
     pub uplink_mode: ocelot_dataplane::api::UplinkMode,
+    /// The Service cluster-IP range(s) (the API server's
+    /// `--service-cluster-ip-range`); repeatable or comma-separated.
+    #[arg(long, env = "OCELOT_SERVICE_CIDR", value_delimiter = ',',
+          default_value = crate::services::DEFAULT_SERVICE_CIDR,
+          value_parser = services::parse_service_cidr)]
+    pub service_cidr: Vec<Cidr>,
+    /// The NodePort range, FIRST-LAST (the API server's
+    /// `--service-node-port-range`).
+    #[arg(long, default_value = "30000-32767", value_parser = crate::services::parse_port_range)]
+    pub node_port_range: (u16, u16),
 }
 
 /// Attribute keys stored with each allocation, to rebuild endpoints.
@@ -96,6 +107,8 @@ pub struct Agent {
     policies_sent: Mutex<BTreeMap<String, ocelot_dataplane::policy::EndpointPolicy>>,
     /// The policy calculation graph, kept between changes.
     policy_graph: Mutex<Option<crate::policy::calc::Graph>>,
+    /// The Services sent, and the problems found (`services.rs`).
+    services: services::ServicesState,
 }
 
 impl Agent {
@@ -112,6 +125,7 @@ impl Agent {
             ipam_stamp: Mutex::new(None),
             policies_sent: Mutex::new(BTreeMap::new()),
             policy_graph: Mutex::new(None),
+            services: Default::default(),
             args,
         })
     }
@@ -337,8 +351,10 @@ impl Agent {
                 if fresh {
                     *self.overlay.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     self.policies_sent.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                    self.services.reset();
                     self.sync_overlay();
                     self.sync_policy();
+                    self.sync_services();
                 }
                 true
             }

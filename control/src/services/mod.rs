@@ -510,6 +510,7 @@ fn nat_outgoing(
             Vec::new()
         },
         addr: node_ip.map(IpAddr::V4),
+        ..Default::default()
     }
 }
 
