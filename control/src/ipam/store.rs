@@ -1,5 +1,8 @@
-//! IPAM state in a file shared by every agent using one datastore
-//! directory. Each change is a transaction: take an exclusive `flock` on
+//! Where IPAM state lives: the [`IpamStore`] trait, and [`FileStore`], the
+//! state in a file shared by every agent using one datastore directory
+//! (the Kubernetes one is [`crate::k8s::ipam::KubeStore`]).
+//!
+//! The file store: Each change is a transaction: take an exclusive `flock` on
 //! the lock file, read, change, write a new file and rename it into place,
 //! release. A crash mid-way leaves the old file whole; concurrent writers
 //! (threads or processes) are serialised, so no address is handed out twice.
@@ -9,6 +12,49 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+
+/// A place IPAM state is kept, changed only in transactions.
+///
+/// `update` runs `f` on a copy of the state and persists what it changed.
+/// An optimistic store (Kubernetes) runs `f` again on fresh state when a
+/// write conflicts with another writer's, so `f` must be a pure function of
+/// the state it is given: only its last run counts. IPAM's operations are
+/// (allocation by handle returns what the handle already holds).
+pub trait IpamStore: Send + Sync {
+    /// Run `f` on the state and persist its changes (see the trait's doc).
+    fn update(&self, f: &mut dyn FnMut(&mut IpamState)) -> io::Result<()>;
+    /// A copy of the current state.
+    fn load(&self) -> io::Result<IpamState>;
+    /// A stamp that changes when the state may have changed (other nodes'
+    /// block claims): compare two to know whether to look again.
+    fn stamp(&self) -> Option<String>;
+}
+
+impl dyn IpamStore + '_ {
+    /// Run `f` on the state, persist its changes and return what its last
+    /// run returned.
+    pub fn transact<R>(&self, mut f: impl FnMut(&mut IpamState) -> R) -> io::Result<R> {
+        let mut out = None;
+        self.update(&mut |s| out = Some(f(s)))?;
+        out.ok_or_else(|| io::Error::other("the IPAM store never ran the transaction"))
+    }
+}
+
+impl IpamStore for FileStore {
+    fn update(&self, f: &mut dyn FnMut(&mut IpamState)) -> io::Result<()> {
+        FileStore::transact(self, f)
+    }
+
+    fn load(&self) -> io::Result<IpamState> {
+        FileStore::load(self)
+    }
+
+    fn stamp(&self) -> Option<String> {
+        let m = std::fs::metadata(self.state_file()).ok()?;
+        let t = m.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?;
+        Some(format!("{}.{:09}/{}", t.as_secs(), t.subsec_nanos(), m.len()))
+    }
+}
 
 /// The state file inside the store's directory.
 const STATE_FILE: &str = "state.json";
@@ -87,12 +133,12 @@ impl FileStore {
         Ok(r)
     }
 
-    /// A copy of the current state.
     /// The file holding the state (watched for other nodes' changes).
     pub fn state_file(&self) -> PathBuf {
         self.dir.join(STATE_FILE)
     }
 
+    /// A copy of the current state.
     pub fn load(&self) -> io::Result<IpamState> {
         let _lock = self.lock()?;
         self.read()

@@ -8,3 +8,8 @@
 //! (`KubeDatastore`, the `Datastore` trait over them), `publish` (Node
 //! annotations, the `NetworkUnavailable` condition, Events). The IPAM side
 //! (`crd`, `ipam*`, `controller*`) is its own.
+pub mod crd;
+pub mod fake;
+pub mod ipam;
+pub mod controller_gc;
+pub mod lease;
