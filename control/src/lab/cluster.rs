@@ -32,6 +32,10 @@ pub struct UpOptions {
     pub subnet_cidrs: Vec<String>,
     /// How long nodes may take to open their sockets.
     pub ready_timeout: Duration,
+    /// The Service cluster-IP range.
+    pub service_cidr: String,
+    /// The NodePort range, inclusive.
+    pub node_port_range: (u16, u16),
 }
 
 /// A lab, locked for changes while this value lives.
@@ -213,6 +217,9 @@ impl Lab {
             created: Vec::new(),
             nodes: BTreeMap::new(),
             pods: BTreeMap::new(),
+            service_cidr: opts.service_cidr.clone(),
+            node_port_range: opts.node_port_range,
+            externals: BTreeMap::new(),
         };
         let mut lab = Lab { state, _lock: lock };
         lab.state.save()?;
@@ -298,7 +305,11 @@ impl Lab {
     /// Apply objects: pools and namespaces first, then nodes (new ones are
     /// built and started), then pods (new ones attached). Pod failures do
     /// not stop the others; they are reported together at the end.
-    pub fn apply_objects(&mut self, objs: Objects, ready_timeout: Duration) -> anyhow::Result<()> {
+    pub fn apply_objects(
+        &mut self,
+        mut objs: Objects,
+        ready_timeout: Duration,
+    ) -> anyhow::Result<()> {
         // Check nodes' subnets and pods' nodes before changing anything.
         underlay::check_nodes(
             &self.state.fabric_cidr,
@@ -353,6 +364,8 @@ impl Lab {
                 }
             }
         }
+        // Cluster IPs and nodePorts, as the API server allocates them.
+        self.prepare_services(&mut objs.policies)?;
         for o in &objs.pools {
             self.write_object(o)?;
         }
@@ -399,6 +412,7 @@ impl Lab {
             }
         }
         let failures = self.attach_pods(to_attach)?;
+        self.sync_endpoints().context("deriving EndpointSlices")?;
         if !failures.is_empty() {
             let list: Vec<String> = failures.iter().map(|(k, e)| format!("  {k}: {e:#}")).collect();
             bail!(
@@ -463,6 +477,9 @@ impl Lab {
         }
         for p in objs.pools.iter().chain(&objs.policies) {
             self.remove_object(p)?;
+        }
+        if let Err(e) = self.sync_endpoints() {
+            errors.push(format!("deriving EndpointSlices: {e:#}"));
         }
         if !errors.is_empty() {
             bail!("{}", errors.join("\n"));

@@ -25,6 +25,9 @@
 
 pub mod cluster;
 pub mod cni;
+pub mod connect;
+pub mod dns;
+pub mod external;
 pub mod names;
 pub mod node;
 pub mod pod;
@@ -32,6 +35,7 @@ pub mod probe;
 pub mod sctp;
 pub mod sctp_wire;
 pub mod serve;
+pub mod services;
 pub mod state;
 pub mod sys;
 pub mod underlay;
@@ -90,6 +94,14 @@ pub struct UpArgs {
     /// Seconds to wait for every node's dataplane and agent sockets.
     #[arg(long, default_value_t = 30)]
     pub ready_timeout: u64,
+    /// The Service cluster-IP range: Services without `clusterIP` get one
+    /// from it, and the agents forward it.
+    #[arg(long, default_value = crate::services::DEFAULT_SERVICE_CIDR,
+          value_parser = crate::agent::services::parse_service_cidr)]
+    pub service_cidr: ocelot_dataplane::api::Cidr,
+    /// The NodePort range, FIRST-LAST.
+    #[arg(long, default_value = "30000-32767", value_parser = crate::services::parse_port_range)]
+    pub node_port_range: (u16, u16),
 }
 
 /// `ocelot lab apply` / `delete` flags.
@@ -121,6 +133,10 @@ pub enum GetKind {
     Pods,
     #[value(alias = "node", alias = "no")]
     Nodes,
+    #[value(alias = "service", alias = "svc")]
+    Services,
+    #[value(alias = "external", alias = "ext")]
+    Externals,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -180,6 +196,64 @@ pub enum ProbeOutput {
     Json,
 }
 
+/// `ocelot lab external` subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum ExternalCmd {
+    /// Attach a namespace outside the cluster to an underlay subnet (a
+    /// client of NodePorts, a server for pods leaving the cluster).
+    Add(ExternalAddArgs),
+    /// Remove it.
+    Delete(ExternalDeleteArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ExternalAddArgs {
+    #[command(flatten)]
+    pub lab: LabRef,
+    /// Its name (namespace `ocl-<lab>-ext-<name>`; it answers as `external/<name>`).
+    pub name: String,
+    /// The underlay subnet it joins (0 is the fabric CIDR).
+    #[arg(long, default_value_t = 0)]
+    pub subnet: u32,
+    /// A port to serve, `PORT[/PROTOCOL]`; repeatable.
+    #[arg(long = "port", value_parser = serve::parse_port)]
+    pub ports: Vec<(u16, Protocol)>,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ExternalDeleteArgs {
+    #[command(flatten)]
+    pub lab: LabRef,
+    pub name: String,
+}
+
+/// `ocelot lab connect` flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConnectArgs {
+    #[command(flatten)]
+    pub lab: LabRef,
+    /// Where from: a pod (`namespace/name`), `node/<node>` or `external/<name>`.
+    pub from: String,
+    /// Where to: `IP:PORT`.
+    pub to: std::net::SocketAddr,
+    #[arg(long, value_parser = Protocol::parse, default_value = "TCP")]
+    pub protocol: Protocol,
+    /// How many connections (or datagrams).
+    #[arg(long, default_value_t = 1)]
+    pub count: usize,
+    /// How many at a time.
+    #[arg(long, default_value_t = 1)]
+    pub parallel: usize,
+    /// Per attempt, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub timeout_ms: u64,
+    /// UDP: ask a DNS question (TXT) instead of the lab's probe datagram.
+    #[arg(long)]
+    pub dns: bool,
+    #[arg(short, long)]
+    pub output: Option<ProbeOutput>,
+}
+
 /// Lab subcommands.
 #[derive(clap::Subcommand, Debug)]
 pub enum LabCmd {
@@ -199,6 +273,12 @@ pub enum LabCmd {
     Exec(ExecArgs),
     /// Connect from every pod to every pod and print the reachability matrix.
     Probe(ProbeArgs),
+    /// Many connections from one pod, node or external to one address:
+    /// who answered, what was refused, what timed out.
+    Connect(ConnectArgs),
+    /// Namespaces outside the cluster, on the fabric.
+    #[command(subcommand)]
+    External(ExternalCmd),
     /// The server run in each pod (internal).
     #[command(hide = true)]
     Serve(serve::ServeArgs),
@@ -221,6 +301,21 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
         LabCmd::Get(a) => get(a),
         LabCmd::Exec(a) => exec(a),
         LabCmd::Probe(a) => probe_cmd(a),
+        LabCmd::Connect(a) => connect_cmd(a),
+        LabCmd::External(ExternalCmd::Add(a)) => {
+            let mut lab = Lab::open(&a.lab.run_dir, &a.lab.name)?;
+            let ports = a
+                .ports
+                .iter()
+                .map(|(p, pr)| state::PortSpec { port: *p, protocol: pr.as_str().into() })
+                .collect();
+            let e = lab.add_external(&a.name, a.subnet, ports)?;
+            println!("{}", serde_json::to_string_pretty(&e)?);
+            Ok(())
+        }
+        LabCmd::External(ExternalCmd::Delete(a)) => {
+            Lab::open(&a.lab.run_dir, &a.lab.name)?.remove_external(&a.name)
+        }
         LabCmd::Serve(a) => serve::run(a),
     }
 }
@@ -243,6 +338,8 @@ fn up(a: UpArgs) -> anyhow::Result<()> {
         fabric_cidr: a.fabric_cidr,
         subnet_cidrs: a.subnet_cidrs,
         ready_timeout: Duration::from_secs(a.ready_timeout),
+        service_cidr: a.service_cidr.to_string(),
+        node_port_range: a.node_port_range,
     };
     let lab = Lab::up(&a.lab.run_dir, &a.lab.name, &opts, objs)?;
     eprintln!(
@@ -385,6 +482,146 @@ fn get(a: GetArgs) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         (GetKind::Nodes, o) => print!("{}", nodes_table(&s, o == Some(Output::Wide))),
+        (GetKind::Services, o) => {
+            let ds = crate::datastore::DirDatastore::open(&s.datastore())?;
+            let c = crate::datastore::Datastore::cluster(&ds);
+            if o == Some(Output::Json) {
+                let v: Vec<serde_json::Value> = c
+                    .services
+                    .values()
+                    .map(|svc| {
+                        let eps = service_endpoints(c, svc);
+                        serde_json::json!({
+                            "namespace": svc.namespace(), "name": svc.metadata.name,
+                            "type": svc.spec.kind.as_deref().unwrap_or("ClusterIP"),
+                            "clusterIP": svc.spec.cluster_ip, "clusterIPs": svc.spec.cluster_ips,
+                            "externalIPs": svc.spec.external_ips, "ports": svc.spec.ports,
+                            "endpoints": eps,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", services_table(c));
+            }
+        }
+        (GetKind::Externals, Some(Output::Json)) => {
+            println!("{}", serde_json::to_string_pretty(&s.externals.values().collect::<Vec<_>>())?)
+        }
+        (GetKind::Externals, _) => {
+            let mut rows = vec![["NAME", "IP", "SUBNET", "NETNS", "PORTS"]
+                .into_iter()
+                .map(String::from)
+                .collect::<Vec<_>>()];
+            for e in s.externals.values() {
+                let ports: Vec<String> =
+                    e.ports.iter().map(|x| format!("{}/{}", x.port, x.protocol)).collect();
+                rows.push(vec![
+                    e.name.clone(),
+                    e.ip.clone(),
+                    e.subnet.to_string(),
+                    e.netns.clone(),
+                    if ports.is_empty() { "-".into() } else { ports.join(",") },
+                ]);
+            }
+            print!("{}", table(&rows));
+        }
+    }
+    Ok(())
+}
+
+/// The ready endpoints of a Service, `ip:port` (from its EndpointSlices).
+fn service_endpoints(c: &crate::datastore::Cluster, svc: &crate::model::Service) -> Vec<String> {
+    let mut v = Vec::new();
+    for sl in c.endpoint_slices.values().filter(|sl| sl.service_key() == Some(svc.key())) {
+        for e in sl.endpoints.iter().filter(|e| e.conditions.ready != Some(false)) {
+            for a in &e.addresses {
+                match sl.ports.first().and_then(|p| p.port) {
+                    Some(p) => v.push(format!("{a}:{p}")),
+                    None => v.push(a.clone()),
+                }
+            }
+        }
+    }
+    v.sort();
+    v
+}
+
+/// `get services` as kubectl prints it.
+fn services_table(c: &crate::datastore::Cluster) -> String {
+    let mut rows: Vec<Vec<String>> =
+        vec![["NAMESPACE", "NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "ENDPOINTS"]
+            .into_iter()
+            .map(String::from)
+            .collect()];
+    for svc in c.services.values() {
+        let ports: Vec<String> = svc
+            .spec
+            .ports
+            .iter()
+            .map(|p| match p.node_port {
+                Some(np) => format!("{}:{np}/{}", p.port, p.protocol),
+                None => format!("{}/{}", p.port, p.protocol),
+            })
+            .collect();
+        let eps = service_endpoints(c, svc);
+        let eps = match eps.len() {
+            0 => "<none>".to_string(),
+            n if n > 3 => format!("{} + {} more", eps[..3].join(","), n - 3),
+            _ => eps.join(","),
+        };
+        let ext = if svc.spec.external_ips.is_empty() {
+            "<none>".to_string()
+        } else {
+            svc.spec.external_ips.join(",")
+        };
+        rows.push(vec![
+            svc.namespace().to_string(),
+            svc.metadata.name.clone(),
+            svc.spec.kind.clone().unwrap_or_else(|| "ClusterIP".into()),
+            svc.spec.cluster_ip.clone().unwrap_or_else(|| "<none>".into()),
+            ext,
+            ports.join(","),
+            eps,
+        ]);
+    }
+    table(&rows)
+}
+
+/// The namespace of a pod, `node/<node>` or `external/<name>`.
+fn source_netns(s: &state::LabState, from: &str) -> anyhow::Result<PathBuf> {
+    if let Some(n) = from.strip_prefix("node/") {
+        let node = s.nodes.get(n).with_context(|| format!("no node {n} in lab {:?}", s.name))?;
+        return Ok(names::netns_path(&node.netns));
+    }
+    if let Some(e) = from.strip_prefix("external/") {
+        if let Some(x) = s.externals.get(e) {
+            return Ok(names::netns_path(&x.netns));
+        }
+    }
+    let key = pod_key(from);
+    let p = s.pods.get(&key).with_context(|| {
+        format!("no pod {key} in lab {:?} (nor node/<name>, external/<name>)", s.name)
+    })?;
+    Ok(p.netns_path())
+}
+
+fn connect_cmd(a: ConnectArgs) -> anyhow::Result<()> {
+    let s = Lab::read(&a.lab.run_dir, &a.lab.name)?;
+    let ns = source_netns(&s, &a.from)?;
+    let sum = connect::run(
+        &ns,
+        a.to,
+        a.protocol,
+        a.dns,
+        a.count,
+        a.parallel,
+        Duration::from_millis(a.timeout_ms),
+    )?;
+    if a.output == Some(ProbeOutput::Json) {
+        println!("{}", serde_json::to_string_pretty(&sum)?);
+    } else {
+        print!("{}", sum.render());
     }
     Ok(())
 }

@@ -153,7 +153,11 @@ impl Lab {
             .arg("--dataplane-socket")
             .arg(st.dataplane_socket())
             .arg("--cni-socket")
-            .arg(st.cni_socket());
+            .arg(st.cni_socket())
+            .arg("--service-cidr")
+            .arg(&self.state.service_cidr)
+            .arg("--node-port-range")
+            .arg(format!("{}-{}", self.state.node_port_range.0, self.state.node_port_range.1));
         let agent_log = st.dir.join("agent.log");
         let agent_child = sys::spawn_daemon(agent, &ns, &agent_log)?;
         let agent_ref = ProcRef::of(agent_child.id(), format!("agent {name}"));

@@ -3,6 +3,13 @@
 //! name (`namespace/name`, one line): TCP and SCTP on connect, UDP to any
 //! datagram. Started by the lab inside the pod's namespace.
 //!
+//! TCP connections then stay open (each on its own thread) until the
+//! client closes them or is idle for [`IDLE`]: a line `peer?` is answered
+//! with the client's address as this pod sees it, any other line is echoed
+//! (so a test can hold connections and check they still work). UDP answers
+//! `peer?` with the name and the client's address, and a DNS query with a
+//! TXT record holding the name (`dns.rs`).
+//!
 //! Where the kernel has no SCTP, one user-space responder (`sctp.rs`)
 //! serves every SCTP port: it answers an INIT with an INIT ACK whose State
 //! Cookie carries the name, which is all a probe needs. The ready file and
@@ -10,7 +17,7 @@
 
 use crate::lab::probe::Protocol;
 use crate::lab::sctp;
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -122,12 +129,23 @@ fn udp(port: u16) -> std::io::Result<UdpSocket> {
         .or_else(|_| UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], port))))
 }
 
+/// How long a TCP connection may stay idle before the server closes it.
+pub const IDLE: Duration = Duration::from_secs(120);
+
+/// The line asking for the client's address.
+pub const PEER_QUESTION: &str = "peer?";
+
 fn serve_tcp(l: TcpListener, answer: String) {
     for conn in l.incoming() {
         match conn {
-            Ok(mut c) => {
-                let _ = c.set_write_timeout(Some(Duration::from_secs(1)));
-                let _ = c.write_all(answer.as_bytes());
+            Ok(c) => {
+                let answer = answer.clone();
+                let spawned = std::thread::Builder::new()
+                    .stack_size(64 * 1024)
+                    .spawn(move || converse(c, &answer));
+                if let Err(e) = spawned {
+                    eprintln!("tcp: no thread for a connection: {e}");
+                }
             }
             Err(e) => {
                 eprintln!("tcp accept: {e}");
@@ -137,12 +155,42 @@ fn serve_tcp(l: TcpListener, answer: String) {
     }
 }
 
+/// One TCP connection: the name, then `peer?` answered and lines echoed.
+fn converse(mut c: std::net::TcpStream, answer: &str) {
+    let _ = c.set_write_timeout(Some(Duration::from_secs(1)));
+    let _ = c.set_read_timeout(Some(IDLE));
+    if c.write_all(answer.as_bytes()).is_err() {
+        return;
+    }
+    let peer = c.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+    let Ok(r) = c.try_clone() else { return };
+    for line in BufReader::new(r).lines() {
+        let Ok(line) = line else { return };
+        let reply = if line.trim() == PEER_QUESTION { peer.clone() } else { line };
+        if c.write_all(format!("{reply}\n").as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// The reply to one datagram.
+fn udp_reply(req: &[u8], answer: &str, from: SocketAddr) -> Vec<u8> {
+    let name = answer.trim_end();
+    if let Some(dns) = crate::lab::dns::answer(req, name) {
+        return dns;
+    }
+    if String::from_utf8_lossy(req).trim() == PEER_QUESTION {
+        return format!("{name} {from}\n").into_bytes();
+    }
+    answer.as_bytes().to_vec()
+}
+
 fn serve_udp(s: UdpSocket, answer: String) {
     let mut buf = [0u8; 2048];
     loop {
         match s.recv_from(&mut buf) {
-            Ok((_, from)) => {
-                let _ = s.send_to(answer.as_bytes(), from);
+            Ok((n, from)) => {
+                let _ = s.send_to(&udp_reply(&buf[..n], &answer, from), from);
             }
             Err(e) => {
                 eprintln!("udp recv: {e}");
@@ -169,6 +217,36 @@ fn serve_sctp(l: std::os::fd::OwnedFd, answer: String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn udp_replies() {
+        let from: SocketAddr = "10.65.0.3:4000".parse().unwrap();
+        assert_eq!(udp_reply(b"probe\n", "x/a\n", from), b"x/a\n");
+        assert_eq!(udp_reply(b"peer?\n", "x/a\n", from), b"x/a 10.65.0.3:4000\n");
+        let q = crate::lab::dns::query(7, "whoami.lab");
+        let r = udp_reply(&q, "x/a\n", from);
+        assert_eq!(crate::lab::dns::read_answer(&r, 7), Ok("x/a".into()));
+    }
+
+    #[test]
+    fn tcp_conversation() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = l.local_addr().unwrap();
+        std::thread::spawn(move || serve_tcp(l, "x/a\n".into()));
+        let c = std::net::TcpStream::connect(at).unwrap();
+        let mine = c.local_addr().unwrap().to_string();
+        let mut r = BufReader::new(c.try_clone().unwrap());
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert_eq!(line, "x/a\n");
+        (&c).write_all(b"hello\npeer?\n").unwrap();
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        assert_eq!(line, "hello\n");
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), mine);
+    }
 
     #[test]
     fn ports_parse() {

@@ -166,6 +166,37 @@ pub struct LabState {
     pub nodes: BTreeMap<String, NodeState>,
     /// By `namespace/name`.
     pub pods: BTreeMap<String, PodState>,
+    /// The Service cluster-IP range (the API server's flag, and the agents').
+    #[serde(default = "default_service_cidr")]
+    pub service_cidr: String,
+    /// The NodePort range, inclusive.
+    #[serde(default = "ocelot_dataplane::api::default_node_port_range")]
+    pub node_port_range: (u16, u16),
+    /// Clients outside the cluster, on the fabric (`ocelot lab external`).
+    #[serde(default)]
+    pub externals: BTreeMap<String, ExternalState>,
+}
+
+fn default_service_cidr() -> String {
+    crate::services::DEFAULT_SERVICE_CIDR.to_string()
+}
+
+/// A namespace on an underlay subnet, outside the cluster: a client of
+/// NodePorts, a server for pods leaving through natOutgoing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExternalState {
+    pub name: String,
+    pub netns: String,
+    pub subnet: u32,
+    /// Its address on the subnet.
+    pub ip: String,
+    pub prefix: u8,
+    /// Its port on the subnet's bridge (in the fabric namespace).
+    pub link: String,
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
+    #[serde(default)]
+    pub server: Option<ProcRef>,
 }
 
 impl LabState {
@@ -281,6 +312,9 @@ mod tests {
             created: vec![],
             nodes: BTreeMap::new(),
             pods: BTreeMap::new(),
+            service_cidr: default_service_cidr(),
+            node_port_range: (30000, 32767),
+            externals: BTreeMap::new(),
         }
     }
 
