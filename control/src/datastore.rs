@@ -61,6 +61,20 @@ pub trait Datastore: Send {
     fn refresh(&mut self) -> bool;
     /// The cluster as last read.
     fn cluster(&self) -> &Cluster;
+    /// Has the whole cluster been read at least once? (The Kubernetes
+    /// datastore is not until every watcher has listed.)
+    fn ready(&self) -> bool {
+        true
+    }
+    /// The error keeping the datastore from being current, if any.
+    fn last_error(&self) -> Option<String> {
+        None
+    }
+    /// A channel woken on every change, when the datastore can push them
+    /// (the agent then polls only as a fallback).
+    fn subscribe(&mut self) -> Option<std::sync::mpsc::Receiver<()>> {
+        None
+    }
 }
 
 struct FileEntry {

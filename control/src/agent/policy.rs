@@ -28,7 +28,7 @@ pub fn model(cluster: &Cluster, ipam: &IpamState) -> Model {
             let info = PodInfo {
                 namespace: p.namespace().to_string(),
                 labels: p.metadata.labels.clone(),
-                ips: ips.get(k.as_str()).cloned().unwrap_or_default(),
+                ips: pod_ips(ips.get(k.as_str()), p),
                 ports: p.spec.containers.iter().flat_map(|c| c.ports.iter().cloned()).collect(),
             };
             (k.clone(), info)
@@ -43,6 +43,18 @@ pub fn model(cluster: &Cluster, ipam: &IpamState) -> Model {
         pods,
         policies: cluster.policies.clone(),
     }
+}
+
+/// A pod's addresses: those IPAM gave it, then those of its
+/// `status.podIPs` (the Kubernetes datastore) that IPAM does not know.
+fn pod_ips(from_ipam: Option<&Vec<IpAddr>>, pod: &crate::model::Pod) -> Vec<IpAddr> {
+    let mut v = from_ipam.cloned().unwrap_or_default();
+    for ip in pod.status_ips() {
+        if !v.contains(&ip) {
+            v.push(ip);
+        }
+    }
+    v
 }
 
 /// What to send: the endpoints whose policy differs from `sent`.
