@@ -244,6 +244,16 @@ impl KubeStore {
         self.update_inner(f).await
     }
 
+    /// [`Self::update_async`] returning what `f`'s last run returned.
+    pub async fn transact_async<R: Send>(
+        &self,
+        mut f: impl FnMut(&mut IpamState) -> R + Send,
+    ) -> Result<R, KubeIpamError> {
+        let mut out = None;
+        self.update_async(&mut |s| out = Some(f(s))).await?;
+        out.ok_or(KubeIpamError::Contended { attempts: 0, last: "never ran".into() })
+    }
+
     async fn update_inner<F: FnMut(&mut IpamState) + ?Sized>(
         &self,
         f: &mut F,
