@@ -8,9 +8,14 @@
 //! (`KubeDatastore`, the `Datastore` trait over them), `publish` (Node
 //! annotations, the `NetworkUnavailable` condition, Events). The IPAM side
 //! (`crd`, `ipam*`, `controller*`) is its own.
+
+pub mod convert;
 pub mod crd;
+pub mod datastore;
 pub mod fake;
 pub mod ipam;
+pub mod publish;
+pub mod watch;
 pub mod controller_gc;
 pub mod lease;
 pub mod controller;
