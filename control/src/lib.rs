@@ -7,5 +7,6 @@ pub mod ipam;
 pub mod k8s;
 pub mod lab;
 pub mod model;
+pub mod ops;
 pub mod policy;
 pub mod services;

@@ -1,7 +1,7 @@
 //! `ocelot`: the node agent, and the lab.
 
 use clap::{Parser, Subcommand};
-use ocelot_control::{agent, lab};
+use ocelot_control::{agent, lab, ops};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -11,9 +11,14 @@ use std::process::ExitCode;
     about = "Ocelot: a Kubernetes network plugin with a user-space dataplane."
 )]
 struct Cli {
-    /// Log level (error, warn, info, debug, trace) or a tracing filter.
-    #[arg(long, global = true, default_value = "info", env = "OCELOT_LOG")]
-    log_level: String,
+    /// Log level (error, warn, info, debug, trace) or a tracing filter
+    /// (`info,ocelot_control::agent=debug`). Default: $RUST_LOG, else info.
+    #[arg(long, global = true, env = "OCELOT_LOG")]
+    log_level: Option<String>,
+    /// Log line format: `text` for people, `json` (one object per line)
+    /// for log collectors.
+    #[arg(long, global = true, env = "OCELOT_LOG_FORMAT", value_enum, default_value_t = ops::logging::LogFormat::Text)]
+    log_format: ops::logging::LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -25,14 +30,25 @@ enum Cmd {
     /// A cluster of nodes and pods in network namespaces, no Kubernetes needed.
     #[command(subcommand)]
     Lab(lab::LabCmd),
+    /// Install the CNI plugin and its network configuration on this node
+    /// (the DaemonSet's init container): atomic, and a no-op when done.
+    InstallCni(ops::install::InstallCniArgs),
+    /// This node's state: agent readiness, peers and tunnels, pools, blocks,
+    /// routes, endpoints, policy, dataplane health and drops.
+    Status(ops::status::StatusArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    ocelot_dataplane::logging::init(&cli.log_level);
+    ops::logging::init(cli.log_level.as_deref(), cli.log_format);
     let r = match cli.cmd {
         Cmd::Agent(a) => agent::run(a),
         Cmd::Lab(c) => lab::run(c),
+        Cmd::InstallCni(a) => ops::install::run(a),
+        Cmd::Status(a) => match ops::status::run(a) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -79,6 +79,11 @@ pub struct AgentArgs {
     /// `--service-node-port-range`).
     #[arg(long, default_value = "30000-32767", value_parser = crate::services::parse_port_range)]
     pub node_port_range: (u16, u16),
+    /// Address of the HTTP endpoints: /livez, /readyz (the DaemonSet's
+    /// probes), /metrics (Prometheus) and /status (`ocelot status`).
+    /// An empty value disables them.
+    #[arg(long, env = "OCELOT_METRICS_ADDR", default_value = "0.0.0.0:9099")]
+    pub metrics_addr: String,
 }
 
 /// Attribute keys stored with each allocation, to rebuild endpoints.
@@ -109,6 +114,8 @@ pub struct Agent {
     policy_graph: Mutex<Option<crate::policy::calc::Graph>>,
     /// The Services sent, and the problems found (`services.rs`).
     services: services::ServicesState,
+    /// Health and activity for the HTTP endpoints (`crate::ops`).
+    pub ops: Arc<crate::ops::OpsState>,
 }
 
 impl Agent {
@@ -126,6 +133,7 @@ impl Agent {
             policies_sent: Mutex::new(BTreeMap::new()),
             policy_graph: Mutex::new(None),
             services: Default::default(),
+            ops: Default::default(),
             args,
         })
     }
@@ -200,8 +208,14 @@ impl Agent {
                 );
                 *g = Some(overlay);
             }
-            Ok(r) => tracing::error!("dataplane answered set_overlay with {r:?}"),
-            Err(e) => tracing::error!("dataplane refused the overlay: {e}"),
+            Ok(r) => {
+                self.ops.sync_error("overlay");
+                tracing::error!("dataplane answered set_overlay with {r:?}")
+            }
+            Err(e) => {
+                self.ops.sync_error("overlay");
+                tracing::error!("dataplane refused the overlay: {e}")
+            }
         }
     }
 
@@ -211,6 +225,7 @@ impl Agent {
         let ipam = match self.ipam.load() {
             Ok(s) => s,
             Err(e) => {
+                self.ops.sync_error("ipam");
                 tracing::error!("cannot read IPAM state: {e}");
                 return;
             }
@@ -242,6 +257,7 @@ impl Agent {
             };
             (g.as_ref().map(|g| g.results.clone()).unwrap_or_default(), recomputed)
         };
+        self.ops.policy_calculated(t0.elapsed());
         // Never hold the lock across a dataplane request: a stale connection
         // is re-made inside it, and a fresh connection clears `sent`.
         let delta = {
@@ -273,7 +289,10 @@ impl Agent {
                     "policy sent to the dataplane"
                 );
             }
-            Err(e) => tracing::error!("dataplane refused the policy: {e}"),
+            Err(e) => {
+                self.ops.sync_error("policy");
+                tracing::error!("dataplane refused the policy: {e}")
+            }
         }
     }
 
@@ -436,9 +455,21 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         tracing::warn!(node = %agent.node, "no Node object with this name in the datastore yet");
     }
     cni::serve(&args.cni_socket, agent.clone())?;
+    // Agent::new returns once the datastore has been read in full.
+    agent.ops.set_datastore_synced(true);
+    if !args.metrics_addr.is_empty() {
+        let addr: std::net::SocketAddr = args.metrics_addr.parse().map_err(|e| {
+            anyhow::anyhow!("--metrics-addr {:?}: {e} (host:port, or '' to disable)", args.metrics_addr)
+        })?;
+        let bound = crate::ops::http::serve(addr, agent.ops.clone(), agent.clone())
+            .map_err(|e| anyhow::anyhow!("--metrics-addr {addr}: {e}"))?;
+        tracing::info!(%bound, "serving /livez /readyz /metrics /status");
+    }
     let a = agent.clone();
     let wake = watch_datastore(&args.datastore);
     std::thread::Builder::new().name("ocelot-watch".into()).spawn(move || loop {
+        a.ops.tick();
+        a.ops.set_dataplane(a.dataplane.connected());
         let changed = a.refresh();
         if changed {
             tracing::info!("datastore changed");
