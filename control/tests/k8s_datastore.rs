@@ -106,7 +106,11 @@ fn expired_watch_relists_and_catches_up() {
     assert!(lists(&h.api) >= 2, "relisted after 410");
     let health = h.ds.health();
     assert!(
-        health.watchers["Namespace"].last_error.as_deref().unwrap_or("").contains("too old resource version"),
+        health.watchers["Namespace"]
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("too old resource version"),
         "{health:?}"
     );
     assert!(health.watchers["Namespace"].lists >= 2);

@@ -161,9 +161,7 @@ impl ToModel for core::Node {
             .collect();
         Ok(model::Node {
             metadata: meta(&self.metadata, Self::KIND, false, all)?,
-            spec: model::NodeSpec {
-                pod_cidr: self.spec.as_ref().and_then(|s| s.pod_cidr.clone()),
-            },
+            spec: model::NodeSpec { pod_cidr: self.spec.as_ref().and_then(|s| s.pod_cidr.clone()) },
             status: model::NodeStatus { addresses },
         })
     }
@@ -259,9 +257,10 @@ impl ToModel for networking::NetworkPolicy {
     fn to_model(&self) -> Result<NetworkPolicy, ConvertError> {
         let metadata = meta(&self.metadata, Self::KIND, true, all)?;
         let key = self.key()?;
-        let mut spec = serde_json::to_value(self.spec.clone().unwrap_or_default()).map_err(|e| {
-            ConvertError::Invalid { kind: Self::KIND, key: key.clone(), err: e.to_string() }
-        })?;
+        let mut spec =
+            serde_json::to_value(self.spec.clone().unwrap_or_default()).map_err(|e| {
+                ConvertError::Invalid { kind: Self::KIND, key: key.clone(), err: e.to_string() }
+            })?;
         // Optional in the API since 1.31 (the server defaults it to {}).
         if let serde_json::Value::Object(m) = &mut spec {
             m.entry("podSelector").or_insert_with(|| serde_json::json!({}));

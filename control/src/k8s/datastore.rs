@@ -77,9 +77,7 @@ impl Health {
 
     /// The most recent unresolved error (`kind: error`), else None.
     pub fn failing(&self) -> Option<String> {
-        self.watchers
-            .iter()
-            .find_map(|(k, w)| w.failing.as_ref().map(|e| format!("{k}: {e}")))
+        self.watchers.iter().find_map(|(k, w)| w.failing.as_ref().map(|e| format!("{k}: {e}")))
     }
 
     /// Objects skipped as invalid, as `kind key: error`.
@@ -133,7 +131,9 @@ impl KubeDatastore {
     pub fn connect(opts: Options) -> anyhow::Result<KubeDatastore> {
         Self::start(opts, async {
             Client::try_default().await.map_err(|e| {
-                anyhow::anyhow!("no Kubernetes client configuration (in-cluster or KUBECONFIG): {e}")
+                anyhow::anyhow!(
+                    "no Kubernetes client configuration (in-cluster or KUBECONFIG): {e}"
+                )
             })
         })
     }
@@ -256,8 +256,8 @@ impl KubeDatastore {
                     }
                 }
                 let mut st = shared.lock();
-                let became_ready = h.listed
-                    && !st.health.watchers.get(LOCAL_PODS).is_some_and(|w| w.listed);
+                let became_ready =
+                    h.listed && !st.health.watchers.get(LOCAL_PODS).is_some_and(|w| w.listed);
                 st.health.watchers.insert(LOCAL_PODS.to_string(), h.clone());
                 if became_ready {
                     st.generation += 1;

@@ -29,7 +29,10 @@ pub const UP_REASON: &str = "OcelotIsUp";
 /// dataplane answers to: the annotation's own value if valid, else derived
 /// from the name, exactly what the peers compute) and, when known, its
 /// underlay address.
-pub fn node_annotations(node: &model::Node, underlay: Option<(Ipv4Addr, u8)>) -> BTreeMap<String, String> {
+pub fn node_annotations(
+    node: &model::Node,
+    underlay: Option<(Ipv4Addr, u8)>,
+) -> BTreeMap<String, String> {
     let mut a = BTreeMap::new();
     a.insert(overlay::VTEP_MAC_ANNOTATION.to_string(), overlay::vtep_mac(node).to_string());
     if let Some((ip, len)) = underlay {
@@ -82,12 +85,7 @@ pub fn rfc3339(since_epoch: std::time::Duration) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// Why a publication failed.
@@ -134,7 +132,11 @@ impl Publisher {
     /// `NetworkUnavailable` False on the Node's status.
     pub async fn network_up(&self, now: &str) -> Result<(), PublishError> {
         self.nodes
-            .patch_status(&self.node, &PatchParams::default(), &Patch::Strategic(network_up_patch(now)))
+            .patch_status(
+                &self.node,
+                &PatchParams::default(),
+                &Patch::Strategic(network_up_patch(now)),
+            )
             .await
             .map_err(|err| PublishError::Api { what: "setting NetworkUnavailable=False", err })?;
         Ok(())
@@ -192,7 +194,10 @@ mod tests {
         // A changed address is patched alone.
         let moved = node_annotations(&published, Some(("192.0.2.12".parse().unwrap(), 24)));
         let p = annotations_patch(&published, &moved).unwrap();
-        assert_eq!(p, json!({"metadata": {"annotations": {IPV4_ADDRESS_ANNOTATION: "192.0.2.12/24"}}}));
+        assert_eq!(
+            p,
+            json!({"metadata": {"annotations": {IPV4_ADDRESS_ANNOTATION: "192.0.2.12/24"}}})
+        );
         // A configured MAC is kept, a bad one replaced by the derived one.
         let set = node("kind: Node\nmetadata: {name: n1, annotations: {ocelot.dev/vxlan-tunnel-mac: '66:00:00:00:00:09'}}\n");
         assert_eq!(node_annotations(&set, None)[overlay::VTEP_MAC_ANNOTATION], "66:00:00:00:00:09");
@@ -204,7 +209,10 @@ mod tests {
     fn condition_and_time() {
         let p = network_up_patch("2026-11-23T19:00:00Z");
         let c = &p["status"]["conditions"][0];
-        assert_eq!((c["type"].as_str(), c["status"].as_str()), (Some("NetworkUnavailable"), Some("False")));
+        assert_eq!(
+            (c["type"].as_str(), c["status"].as_str()),
+            (Some("NetworkUnavailable"), Some("False"))
+        );
         assert_eq!(c["reason"], UP_REASON);
         assert_eq!(rfc3339(std::time::Duration::ZERO), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(std::time::Duration::from_secs(1_700_000_000)), "2023-11-14T22:13:20Z");

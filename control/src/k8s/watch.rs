@@ -115,7 +115,11 @@ impl<K: ToModel> Reflect<K> {
     }
 
     /// The object converted, or its last good version, or nothing.
-    fn convert(&mut self, obj: &K, current: &BTreeMap<String, K::Model>) -> Option<(String, K::Model)> {
+    fn convert(
+        &mut self,
+        obj: &K,
+        current: &BTreeMap<String, K::Model>,
+    ) -> Option<(String, K::Model)> {
         let key = match obj.key() {
             Ok(k) => k,
             Err(e) => {

@@ -195,7 +195,8 @@ impl FakeApi {
                 &status(404, "NotFound", &format!("the server could not find {path}")),
             ));
         };
-        let node = q.get("fieldSelector").and_then(|f| f.strip_prefix("spec.nodeName=")).map(String::from);
+        let node =
+            q.get("fieldSelector").and_then(|f| f.strip_prefix("spec.nodeName=")).map(String::from);
         let rv = g.rv;
         let compacted = g.compacted;
         let c = g.collections.entry(cpath).or_default();
@@ -222,7 +223,9 @@ impl FakeApi {
         let (tx, rx) = mpsc::unbounded();
         if from < compacted {
             let msg = format!("too old resource version: {from} ({compacted})");
-            let _ = tx.unbounded_send(line(&json!({"type": "ERROR", "object": status(410, "Expired", &msg)})));
+            let _ = tx.unbounded_send(line(
+                &json!({"type": "ERROR", "object": status(410, "Expired", &msg)}),
+            ));
         } else {
             for (v, ty, obj) in &c.history {
                 if *v > from && selected(&node, obj) {
@@ -263,7 +266,9 @@ impl FakeApi {
         meta.insert("resourceVersion".into(), json!(rv.to_string()));
         let (uid, created) = match &old {
             Some(o) => (o["metadata"]["uid"].clone(), o["metadata"]["creationTimestamp"].clone()),
-            None => (json!(format!("00000000-0000-4000-8000-{rv:012}")), json!("2026-11-20T09:00:00Z")),
+            None => {
+                (json!(format!("00000000-0000-4000-8000-{rv:012}")), json!("2026-11-20T09:00:00Z"))
+            }
         };
         meta.insert("uid".into(), uid);
         meta.entry("creationTimestamp").or_insert(created);
@@ -402,7 +407,8 @@ pub struct Harness {
 
 pub fn harness(api: FakeApi) -> Harness {
     use ocelot_control::k8s::datastore::{KubeDatastore, Options};
-    let server = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let server =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let mut opts = Options::new("node-1");
     opts.backoff = Arc::new(|| Box::new(QuickBackoff) as Box<dyn kube::runtime::utils::Backoff>);
     let api2 = api.clone();
