@@ -58,6 +58,10 @@ drop_reasons! {
     Spoofed = "spoofed": "a pod sent from an address or MAC that is not its own",
     UplinkMalformed = "uplink_malformed": "frame from the AF_XDP uplink with a bad outer Ethernet/IPv4/UDP header (checksum, lengths, not for this node)",
     UplinkRxDropped = "uplink_rx_dropped": "frames the kernel could not hand to the AF_XDP socket (receive ring full, no free buffer, too long)",
+    ServiceNoBackend = "service_no_backend": "a new connection to a Service frontend with no usable backend (a TCP RST or ICMP port unreachable was sent back)",
+    NatTableFull = "nat_table_full": "a new translated flow found the worker's NAT table full",
+    SnatPortsExhausted = "snat_ports_exhausted": "no free source port to translate a new flow to this destination (natOutgoing, hairpin, NodePort)",
+    NatMalformed = "nat_malformed": "a packet of a translated flow too short to rewrite",
 }
 
 /// Counters of one port. Written by workers (once per batch), read by the API.
@@ -151,6 +155,9 @@ pub struct WorkerStats {
     /// room (gauges, set once per batch).
     pub ct_entries: AtomicU64,
     pub ct_refused: AtomicU64,
+    /// Translated-flow entries and allocated source ports (gauges).
+    pub nat_entries: AtomicU64,
+    pub snat_ports: AtomicU64,
 }
 
 /// A point-in-time copy of a [`PortStats`], as the API returns it.

@@ -23,6 +23,9 @@ pub struct Meta {
     /// routes a frame into a tunnel, and by the AF_XDP uplink port on
     /// receive. A port that carries one encapsulation only ignores it.
     pub encap: Option<crate::tables::Encap>,
+    /// A translated frame handed to the worker that owns its translated
+    /// flow: the tuple the client sent (see `pipeline::nat`).
+    pub nat: Option<crate::nat::Tuple>,
 }
 
 /// One frame and its offload metadata.

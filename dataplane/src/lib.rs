@@ -14,6 +14,7 @@ pub mod frame;
 pub mod gro;
 pub mod gso;
 pub mod logging;
+pub mod nat;
 pub mod pipeline;
 pub mod policy;
 pub mod port;

@@ -280,7 +280,8 @@ fn state(a: ClientArgs) -> Res {
         println!("{}", serde_json::to_string_pretty(&reply)?);
         return Ok(());
     }
-    let Reply::State { tables_version, endpoints, pools, host_iface, overlay } = reply else {
+    let Reply::State { tables_version, endpoints, pools, host_iface, overlay, services } = reply
+    else {
         return Err("unexpected reply".into());
     };
     println!(
@@ -299,6 +300,17 @@ fn state(a: ClientArgs) -> Res {
             e.mac.to_string(),
             ips,
             e.spec.netns.display()
+        );
+    }
+    if services.services > 0 || services.nat_addr.is_some() {
+        println!(
+            "services: {} ports, {} frontends, {} backends, tables {} KiB; natOutgoing to {}; steering: {}",
+            services.services,
+            services.frontends,
+            services.backends,
+            services.table_bytes / 1024,
+            services.nat_addr.map_or("none".to_string(), |a| a.to_string()),
+            services.steering
         );
     }
     if let Some(o) = overlay {

@@ -19,6 +19,9 @@ pub struct Persisted {
     /// NetworkPolicy per endpoint name.
     #[serde(default)]
     pub policies: std::collections::BTreeMap<String, crate::policy::EndpointPolicy>,
+    /// Services and natOutgoing, as last set.
+    #[serde(default)]
+    pub services: Option<crate::api::ServicesSpec>,
 }
 
 /// The state directory, created root-only.
@@ -124,6 +127,30 @@ mod tests {
             )]
             .into_iter()
             .collect(),
+            services: Some(crate::api::ServicesSpec {
+                services: vec![crate::api::ServiceSpec {
+                    name: "default/web:http".into(),
+                    proto: crate::policy::Proto::Tcp,
+                    frontends: vec![crate::api::Frontend {
+                        addr: "10.96.0.10".parse().unwrap(),
+                        port: 80,
+                        kind: crate::api::FrontendKind::ClusterIp,
+                    }],
+                    backends: vec![crate::api::Backend {
+                        addr: "10.65.0.2".parse().unwrap(),
+                        port: 8080,
+                        local: true,
+                        ready: true,
+                        serving: true,
+                        terminating: false,
+                    }],
+                    affinity_timeout_s: 10800,
+                    external_local: false,
+                    internal_local: false,
+                }],
+                service_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
+                ..Default::default()
+            }),
         };
         sd.save(&s).unwrap();
         assert_eq!(sd.load().unwrap(), s);

@@ -196,6 +196,9 @@ impl Worker {
                 crate::policy::conntrack::Limits::default().per_worker(n),
             ),
         };
+        let mut s = s;
+        s.flows.nat.worker = id;
+        s.flows.nat.workers = n;
         Worker {
             id,
             n,
@@ -367,6 +370,21 @@ impl Worker {
         kept
     }
 
+    /// Frames the pipeline translated for a flow another worker owns go to
+    /// that worker's queue (they carry the original tuple in `meta.nat`).
+    fn hand_off_translated(&mut self, in_port: PortId, frames: &[Frame]) {
+        for (i, v) in self.s.verdicts.iter().enumerate() {
+            let Verdict::Handoff(owner) = *v else { continue };
+            let Some(peer) = self.peers.get(owner) else { continue };
+            if peer.handoff.push((in_port, frames[i].duplicate())).is_err() {
+                self.stats.port.drops.add(DropReason::HandoffFull, 1);
+            } else {
+                self.stats.handoff_out.fetch_add(1, Relaxed);
+                peer.wake();
+            }
+        }
+    }
+
     fn drain_handoff(&mut self) -> usize {
         if self.n <= 1 {
             return 0;
@@ -425,9 +443,13 @@ impl Worker {
             &mut self.s.tally,
             &mut self.s.flows,
         );
+        self.hand_off_translated(in_port, frames);
         let (tcp, other) = self.s.flows.ct.counts();
         self.stats.ct_entries.store((tcp + other) as u64, Relaxed);
         self.stats.ct_refused.store(self.s.flows.ct.refused, Relaxed);
+        let (fwd, rev) = self.s.flows.nat.counts();
+        self.stats.nat_entries.store((fwd + rev) as u64, Relaxed);
+        self.stats.snat_ports.store(self.s.flows.nat.snat_ports() as u64, Relaxed);
         // One tally per batch, published to the port and the worker alike
         // (never carried over to the next batch, even if the port is gone).
         match &in_stats {

@@ -316,7 +316,7 @@ pub struct ServiceSpec {
 }
 
 /// Source NAT of pod traffic leaving the cluster (`natOutgoing`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NatOutgoingSpec {
     /// Pods whose address is in one of these (the pools with
@@ -330,11 +330,33 @@ pub struct NatOutgoingSpec {
     /// The address they leave with; `None` = the uplink's address.
     #[serde(default)]
     pub addr: Option<IpAddr>,
+    /// Source ports of translated flows (natOutgoing, hairpin, NodePort
+    /// to another node), inclusive. Default 61440-65535: outside Linux's
+    /// ephemeral range, so replies to the node's address never meet one
+    /// of its sockets, and one mask (0xf000) selects them for steering.
+    #[serde(default = "default_snat_ports")]
+    pub ports: (u16, u16),
+}
+
+impl Default for NatOutgoingSpec {
+    fn default() -> NatOutgoingSpec {
+        NatOutgoingSpec {
+            sources: Vec::new(),
+            exclude: Vec::new(),
+            addr: None,
+            ports: default_snat_ports(),
+        }
+    }
+}
+
+/// The default source ports of translated flows.
+pub fn default_snat_ports() -> (u16, u16) {
+    (61440, 65535)
 }
 
 /// Everything the dataplane translates: Services and natOutgoing. Replaced
 /// whole by `set_services`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServicesSpec {
     #[serde(default)]
@@ -349,9 +371,42 @@ pub struct ServicesSpec {
     pub nat_outgoing: NatOutgoingSpec,
 }
 
+impl Default for ServicesSpec {
+    fn default() -> ServicesSpec {
+        ServicesSpec {
+            services: Vec::new(),
+            service_cidrs: Vec::new(),
+            node_port_range: default_node_port_range(),
+            nat_outgoing: NatOutgoingSpec::default(),
+        }
+    }
+}
+
 /// Kubernetes' default `--service-node-port-range`.
 pub fn default_node_port_range() -> (u16, u16) {
     (30000, 32767)
+}
+
+/// What the dataplane made of a [`ServicesSpec`] (`set_services`, `state`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicesStatus {
+    /// Service ports, frontends and backends in use.
+    pub services: usize,
+    pub frontends: usize,
+    pub backends: usize,
+    /// Bytes of the Maglev lookup tables.
+    pub table_bytes: usize,
+    /// Routed from the node into the dataplane (through the host interface).
+    #[serde(default)]
+    pub service_cidrs: Vec<Cidr>,
+    /// The address natOutgoing translates to (`None`: natOutgoing cannot
+    /// apply: no `addr` and no overlay yet).
+    #[serde(default)]
+    pub nat_addr: Option<std::net::Ipv4Addr>,
+    /// How replies to translated source ports reach the dataplane:
+    /// `tc ingress on <uplink>`, or why not.
+    #[serde(default)]
+    pub steering: String,
 }
 
 /// One endpoint's policy.
@@ -471,6 +526,12 @@ pub struct WorkerCounters {
     pub ct_entries: u64,
     #[serde(default)]
     pub ct_refused: u64,
+    /// Translated flows (forward and reverse halves) and source ports
+    /// allocated by this worker.
+    #[serde(default)]
+    pub nat_entries: u64,
+    #[serde(default)]
+    pub snat_ports: u64,
     #[serde(flatten)]
     pub counters: CounterSnapshot,
 }
@@ -494,6 +555,10 @@ pub enum Reply {
         tables_version: u64,
         overlay: OverlayStatus,
     },
+    Services {
+        tables_version: u64,
+        services: ServicesStatus,
+    },
     Counters {
         ports: Vec<PortCounters>,
         workers: Vec<WorkerCounters>,
@@ -506,6 +571,8 @@ pub enum Reply {
         host_iface: Option<String>,
         #[serde(default)]
         overlay: Option<OverlayStatus>,
+        #[serde(default)]
+        services: ServicesStatus,
     },
 }
 

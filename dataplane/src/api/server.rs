@@ -135,10 +135,7 @@ pub fn dispatch(req: Request, version: &mut Option<u32>, engine: &Mutex<Engine>)
         Request::SetPolicies { policies } => {
             engine.set_policies(policies).map(|v| Reply::Done { tables_version: v })
         }
-        Request::SetServices { .. } => Err(ApiError::new(
-            ErrorCode::InvalidArgument,
-            "set_services: this dataplane does not translate Services yet",
-        )),
+        Request::SetServices { services } => engine.set_services(services),
         Request::Counters => Ok(engine.counters()),
         Request::State => Ok(engine.state()),
     };

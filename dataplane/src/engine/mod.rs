@@ -17,6 +17,7 @@ use crate::worker::{self, Command, WorkerConfig, WorkerHandle};
 use std::collections::BTreeMap;
 
 mod overlay;
+mod services;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -51,6 +52,7 @@ pub struct Engine {
     /// NetworkPolicy per endpoint name (also for endpoints not added yet).
     policies: BTreeMap<String, crate::policy::EndpointPolicy>,
     overlay: overlay::State,
+    services: services::State,
     tables: Arc<SharedTables>,
     workers: Vec<WorkerHandle>,
     endpoints: BTreeMap<String, Endpoint>,
@@ -92,6 +94,7 @@ impl Engine {
         let mut e = Engine {
             policies: saved.policies.clone(),
             overlay: overlay::State::default(),
+            services: services::State::default(),
             pools: Vec::new(),
             cfg,
             tables,
@@ -121,6 +124,11 @@ impl Engine {
         if let Some(o) = saved.overlay {
             if let Err(err) = e.set_overlay(o) {
                 tracing::error!("cannot restore the overlay: {err}");
+            }
+        }
+        if let Some(s) = saved.services {
+            if let Err(err) = e.set_services(s) {
+                tracing::error!("cannot restore the services: {err}");
             }
         }
         e.persist();
@@ -434,6 +442,7 @@ impl Engine {
     /// the process anyway (see `port::xdp::program`).
     pub fn shutdown(&mut self) {
         self.close_xdp();
+        self.remove_steering();
     }
 
     pub fn tables_version(&self) -> u64 {
@@ -447,6 +456,7 @@ impl Engine {
             pools: self.pools.clone(),
             host_iface: self.host.as_ref().map(|h| h.name.clone()),
             overlay: self.overlay.status.clone(),
+            services: self.services_status(),
         }
     }
 
@@ -479,6 +489,8 @@ impl Engine {
                     gro_merged: w.stats.gro_merged.load(Relaxed),
                     ct_entries: w.stats.ct_entries.load(Relaxed),
                     ct_refused: w.stats.ct_refused.load(Relaxed),
+                    nat_entries: w.stats.nat_entries.load(Relaxed),
+                    snat_ports: w.stats.snat_ports.load(Relaxed),
                     counters: w.stats.port.snapshot(),
                 }
             })
@@ -497,6 +509,7 @@ impl Engine {
             pools: self.pools.clone(),
             overlay: self.overlay.status.as_ref().map(|s| s.spec.clone()),
             policies: self.policies.clone(),
+            services: self.services.spec.clone(),
         };
         if let Err(e) = self.state.save(&s) {
             tracing::error!(dir = %self.state.path().display(), "cannot save state: {e}");

@@ -300,6 +300,7 @@ impl Engine {
             "overlay set"
         );
         self.overlay.status = Some(status.clone());
+        self.refresh_services();
         self.persist();
         Ok(Reply::Overlay { tables_version: t.version, overlay: status })
     }

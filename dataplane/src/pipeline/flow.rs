@@ -22,7 +22,10 @@ pub fn symmetric_hash(data: &[u8]) -> u32 {
     let et = u16::from_be_bytes([data[12], data[13]]);
     let (a, b): (&[u8], &[u8]) = match et {
         ETHERTYPE_IPV4 => match data.get(ETH_LEN + 12..ETH_LEN + 20) {
-            Some(s) => (&s[..4], &s[4..]),
+            Some(s) => match icmp_error_quoted(&data[ETH_LEN..]) {
+                Some(q) => (&q[..4], &q[4..]),
+                None => (&s[..4], &s[4..]),
+            },
             None => return 0,
         },
         ETHERTYPE_IPV6 => match data.get(ETH_LEN + 8..ETH_LEN + 40) {
@@ -32,6 +35,32 @@ pub fn symmetric_hash(data: &[u8]) -> u32 {
         _ => return 0,
     };
     pair_hash(a, b)
+}
+
+/// The address pair an ICMP error quotes (source and destination of the
+/// packet it is about): the error belongs to that flow's worker, which
+/// holds its tracking and translation state, not to the pair of the
+/// router that sent it and the flow's endpoint.
+#[inline]
+fn icmp_error_quoted(ip: &[u8]) -> Option<&[u8]> {
+    if ip.len() < 20 || ip[9] != 1 || u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
+        return None;
+    }
+    let hl = usize::from(ip[0] & 0x0f) * 4;
+    match ip.get(hl)? {
+        3 | 4 | 11 | 12 => ip.get(hl + 8 + 12..hl + 8 + 20),
+        _ => None,
+    }
+}
+
+/// The worker (out of `n`) owning flows between `a` and `b`.
+#[inline]
+pub fn pair_owner(a: std::net::Ipv4Addr, b: std::net::Ipv4Addr, n: usize) -> usize {
+    if n <= 1 {
+        0
+    } else {
+        pair_hash(&a.octets(), &b.octets()) as usize % n
+    }
 }
 
 fn pair_hash(a: &[u8], b: &[u8]) -> u32 {

@@ -29,7 +29,24 @@ pub(super) fn frag_needed(f: &mut Frame, gw: MacAddr, mtu: u16) -> bool {
     error(f, gw, 3, 4, [0, 0, m[0], m[1]])
 }
 
+/// Rewrite `f` into an ICMP port unreachable from `from` (a Service's
+/// frontend that has no backend: the address the sender spoke to).
+pub(super) fn port_unreachable(f: &mut Frame, gw: MacAddr, from: std::net::Ipv4Addr) -> bool {
+    error_from(f, gw, from, 3, 3, [0; 4])
+}
+
 fn error(f: &mut Frame, gw: MacAddr, icmp_type: u8, code: u8, rest: [u8; 4]) -> bool {
+    error_from(f, gw, GATEWAY_IP, icmp_type, code, rest)
+}
+
+fn error_from(
+    f: &mut Frame,
+    gw: MacAddr,
+    from: std::net::Ipv4Addr,
+    icmp_type: u8,
+    code: u8,
+    rest: [u8; 4],
+) -> bool {
     let data = f.data();
     let Some(ip) = data.get(ETH_LEN..) else { return false };
     if ip.len() < IP_HDR {
@@ -67,7 +84,7 @@ fn error(f: &mut Frame, gw: MacAddr, icmp_type: u8, code: u8, rest: [u8; 4]) -> 
         0x45, 0, 0, 0, 0, 0, 0, 0, 64, PROTO_ICMP, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
     ]);
     ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    ip[12..16].copy_from_slice(&GATEWAY_IP.octets());
+    ip[12..16].copy_from_slice(&from.octets());
     ip[16..20].copy_from_slice(&src);
     let c = csum::checksum(&ip[..IP_HDR]);
     ip[10..12].copy_from_slice(&c.to_be_bytes());

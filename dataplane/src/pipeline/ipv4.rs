@@ -4,7 +4,7 @@
 //! tunnel) and, for a tunnel, name the underlay peer and the encapsulation
 //! in the frame's meta.
 
-use super::{flow, icmp, set_macs, Ctx, Verdict, ETH_LEN};
+use super::{flow, icmp, nat, set_macs, Ctx, Verdict, ETH_LEN};
 use crate::counters::DropReason;
 use crate::csum;
 use crate::frame::Frame;
@@ -33,8 +33,22 @@ pub(super) fn forward(ctx: &Ctx<'_>, f: &mut Frame) -> Verdict {
     if total < hl || total > ip.len() || csum::checksum(&ip[..hl]) != 0 {
         return Verdict::Drop(DropReason::Malformed);
     }
-    let dst = IpAddr::V4(h.destination_addr());
-    let ttl = h.ttl();
+    // Services and natOutgoing: the frame may leave this stage rewritten.
+    let view = match nat::stage(ctx, f) {
+        nat::Outcome::Pass => None,
+        nat::Outcome::Translated(flow) => Some(flow),
+        nat::Outcome::Handoff(w) => return Verdict::Handoff(w),
+        nat::Outcome::Reject(from) => {
+            return match nat::reject(f, ctx.tables.gateway_mac, from) {
+                true => Verdict::Reply(ctx.in_port, DropReason::ServiceNoBackend),
+                false => Verdict::Drop(DropReason::ServiceNoBackend),
+            };
+        }
+        nat::Outcome::Drop(r) => return Verdict::Drop(r),
+    };
+    let ip = &f.data()[ETH_LEN..];
+    let dst = IpAddr::V4(std::net::Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]));
+    let ttl = ip[field::TTL];
     let df = ip[field::FLAGS] & DF != 0;
     let t = ctx.tables;
     // Where it goes: a local port with its peer's MAC, or a tunnel with the
@@ -103,7 +117,7 @@ pub(super) fn forward(ctx: &Ctx<'_>, f: &mut Frame) -> Verdict {
             };
         }
     };
-    if let Err(r) = police(ctx, f, out) {
+    if let Err(r) = police(ctx, f, out, view) {
         return Verdict::Drop(r);
     }
     if ttl <= 1 {
@@ -136,7 +150,14 @@ pub(super) fn forward(ctx: &Ctx<'_>, f: &mut Frame) -> Verdict {
 /// native-routed pod traffic also arrives through the host interface). An
 /// ingress denial is also counted on the receiving endpoint's port, so each
 /// endpoint shows the drops it asked for.
-fn police(ctx: &Ctx<'_>, f: &Frame, out: crate::port::PortId) -> Result<(), DropReason> {
+/// `view` is the flow to judge when the frame was translated (client to
+/// backend, as Kubernetes judges Service traffic); else the frame's own.
+fn police(
+    ctx: &Ctx<'_>,
+    f: &Frame,
+    out: crate::port::PortId,
+    view: Option<filter::Flow>,
+) -> Result<(), DropReason> {
     let t = ctx.tables;
     let src_pol = ctx.in_pod.and_then(|p| p.policy.as_deref());
     let dst = t.port(out).filter(|p| p.kind == crate::tables::PortKind::Pod);
@@ -144,14 +165,11 @@ fn police(ctx: &Ctx<'_>, f: &Frame, out: crate::port::PortId) -> Result<(), Drop
     if src_pol.is_none() && dst_pol.is_none() {
         return Ok(());
     }
+    let Some(flow) = view.or_else(|| filter::parse(&f.data()[ETH_LEN..])) else {
+        return Err(DropReason::Malformed);
+    };
     if ctx.in_kind_host && dst_pol.is_some() {
-        let d = f.data();
-        let src = IpAddr::V4(std::net::Ipv4Addr::new(
-            d[ETH_LEN + 12],
-            d[ETH_LEN + 13],
-            d[ETH_LEN + 14],
-            d[ETH_LEN + 15],
-        ));
+        let src = IpAddr::V4(flow.packet.src.0);
         // From the node itself (not an address of any pod we know of).
         if t.route(src) == Hop::Local(ctx.in_port) {
             dst_pol = None;
@@ -160,9 +178,6 @@ fn police(ctx: &Ctx<'_>, f: &Frame, out: crate::port::PortId) -> Result<(), Drop
             }
         }
     }
-    let Some(flow) = filter::parse(&f.data()[ETH_LEN..]) else {
-        return Err(DropReason::Malformed);
-    };
     let mut fl = ctx.flows.borrow_mut();
     let now = fl.now_ms;
     let r = filter::decide(&mut fl.ct, now, t.policy_generation, &flow, src_pol, dst_pol);

@@ -12,6 +12,7 @@ mod arp;
 pub mod flow;
 mod icmp;
 mod ipv4;
+mod nat;
 pub mod tunnel;
 
 use crate::counters::{DropReason, DropTally};
@@ -40,12 +41,17 @@ pub enum Verdict {
     /// The frame was dropped for the reason and rewritten into an error
     /// (ICMP) for its sender, to be sent out of the port.
     Reply(PortId, DropReason),
+    /// The frame was translated and belongs to another worker (the owner
+    /// of its translated flow): hand it over, as received on the port.
+    Handoff(usize),
 }
 
-/// What a worker keeps between batches: its connection-tracking table and
-/// the clock the table runs on.
+/// What a worker keeps between batches: its connection-tracking table, its
+/// translated flows, and the clock they run on.
 pub struct FlowState {
     pub ct: crate::policy::conntrack::Conntrack,
+    /// Translations (Services, natOutgoing); also says which worker this is.
+    pub nat: crate::nat::NatFlows,
     /// Milliseconds, from any fixed origin; set by the worker per batch.
     pub now_ms: u64,
 }
@@ -54,6 +60,7 @@ impl FlowState {
     pub fn new(limits: crate::policy::conntrack::Limits) -> FlowState {
         FlowState {
             ct: crate::policy::conntrack::Conntrack::new(limits, Default::default()),
+            nat: crate::nat::NatFlows::new(limits.tcp.max(limits.other)),
             now_ms: 0,
         }
     }
@@ -128,7 +135,7 @@ fn one(ctx: &Ctx<'_>, f: &mut Frame) -> Verdict {
     }
     let dst = MacAddr([data[0], data[1], data[2], data[3], data[4], data[5]]);
     let ethertype = u16::from_be_bytes([data[12], data[13]]);
-    if dst != ctx.tables.gateway_mac && dst != MacAddr::BROADCAST {
+    if dst != ctx.tables.gateway_mac && dst != MacAddr::BROADCAST && !nat::steered(ctx, f) {
         return Verdict::Drop(if dst.is_multicast() && ethertype == ETHERTYPE_IPV6 {
             DropReason::UnsupportedEthertype
         } else {
@@ -136,8 +143,10 @@ fn one(ctx: &Ctx<'_>, f: &mut Frame) -> Verdict {
         });
     }
     match ethertype {
-        ETHERTYPE_IPV4 if dst == ctx.tables.gateway_mac => {
-            if let Some(pod) = ctx.in_pod {
+        ETHERTYPE_IPV4 if dst != MacAddr::BROADCAST => {
+            // A frame handed over by another worker was checked there (and
+            // may carry a translated source).
+            if let (Some(pod), None) = (ctx.in_pod, f.meta.nat) {
                 if spoofed(pod, f.data()) {
                     return Verdict::Drop(DropReason::Spoofed);
                 }

@@ -9,5 +9,6 @@ pub mod ethtool;
 pub mod netlink;
 pub mod netns;
 pub mod signals;
+pub mod steer;
 pub mod tun;
 pub mod xsk;

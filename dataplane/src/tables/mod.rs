@@ -169,6 +169,8 @@ pub struct Tables {
     /// Increases whenever any endpoint's policy changes: tracked flows
     /// whose verdict is older are judged again.
     pub policy_generation: u64,
+    /// Services and natOutgoing, compiled (`nat::service`).
+    pub services: Arc<crate::nat::Services>,
 }
 
 impl Tables {
@@ -182,6 +184,7 @@ impl Tables {
             uplink_port: None,
             overlay: Overlay::default(),
             policy_generation: 0,
+            services: Arc::default(),
         }
     }
 
