@@ -222,13 +222,14 @@ fn add(agent: &Agent, req: &CniRequest) -> CniResponse {
             (attr::CONTAINER, req.container_id.clone()),
         ]
         .into_iter()
+        .chain(req.args.get("K8S_POD_UID").map(|u| (attr::POD_UID, u.clone())))
         .map(|(k, v)| (k.to_string(), v))
         .collect(),
     };
     let t_start = Instant::now();
     let allocated = match agent
         .ipam
-        .transact(|st| Ipam { state: st, node: &agent.node }.allocate(&ireq, alloc))
+        .transact(|st| Ipam { state: st, node: &agent.node }.allocate(&ireq, alloc.clone()))
     {
         Ok(Ok(a)) => a,
         Ok(Err(e)) => return ipam_err(e),

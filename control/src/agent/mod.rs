@@ -17,7 +17,7 @@ pub mod pools;
 pub mod services;
 
 use crate::datastore::{Cluster, Datastore, DirDatastore};
-use crate::ipam::store::FileStore;
+use crate::ipam::store::{FileStore, IpamStore};
 use crate::ipam::Ipam;
 use dataplane::DataplaneLink;
 use ocelot_dataplane::api::{Cidr, EndpointSpec, OverlayStatus, Reply, Request};
@@ -93,20 +93,24 @@ pub(crate) mod attr {
     pub const ENDPOINT: &str = "endpoint";
     pub const MTU: &str = "mtu";
     pub const CONTAINER: &str = "containerID";
+    /// The pod's UID (`K8S_POD_UID`), so the controller's GC tells a pod
+    /// from a later one of the same name.
+    pub const POD_UID: &str = crate::k8s::controller_gc::POD_UID_ATTR;
 }
 
 pub struct Agent {
     pub node: String,
     pub args: AgentArgs,
-    pub ipam: FileStore,
+    /// IPAM state: the datastore directory's file, or IPAMBlocks on Kubernetes.
+    pub ipam: Arc<dyn IpamStore>,
     pub cluster: RwLock<Cluster>,
     datastore: Mutex<DirDatastore>,
     dataplane: DataplaneLink,
     /// The overlay last applied by the dataplane (None: not yet, or the
     /// dataplane reconnected and needs it again).
     overlay: Mutex<Option<OverlayStatus>>,
-    /// Modification stamp of the IPAM state (other nodes' block claims).
-    ipam_stamp: Mutex<Option<(std::time::SystemTime, u64)>>,
+    /// Stamp of the IPAM state (other nodes' block claims), `IpamStore::stamp`.
+    ipam_stamp: Mutex<Option<String>>,
     /// The NetworkPolicy the dataplane has, per endpoint (emptied when the
     /// connection is re-made, so everything is sent again).
     policies_sent: Mutex<BTreeMap<String, ocelot_dataplane::policy::EndpointPolicy>>,
@@ -121,7 +125,7 @@ pub struct Agent {
 impl Agent {
     pub fn new(args: AgentArgs) -> anyhow::Result<Agent> {
         let ds = DirDatastore::open(&args.datastore)?;
-        let ipam = FileStore::open(&args.datastore.join(".ipam"))?;
+        let ipam: Arc<dyn IpamStore> = Arc::new(FileStore::open(&args.datastore.join(".ipam"))?);
         Ok(Agent {
             node: args.node.clone(),
             cluster: RwLock::new(ds.cluster().clone()),
@@ -138,11 +142,16 @@ impl Agent {
         })
     }
 
+    /// The same agent keeping IPAM state in `store` (KubeStore on
+    /// Kubernetes) instead of the datastore directory's file.
+    pub fn with_ipam_store(mut self, store: Arc<dyn IpamStore>) -> Agent {
+        self.ipam = store;
+        self
+    }
+
     /// True when the IPAM state changed since the last call.
     fn ipam_changed(&self) -> bool {
-        let stamp = std::fs::metadata(self.ipam.state_file())
-            .ok()
-            .and_then(|m| Some((m.modified().ok()?, m.len())));
+        let stamp = self.ipam.stamp();
         let mut g = self.ipam_stamp.lock().unwrap_or_else(|e| e.into_inner());
         let changed = *g != stamp;
         *g = stamp;
