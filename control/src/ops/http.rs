@@ -62,10 +62,14 @@ async fn route(
             Ok(()) => text(StatusCode::OK, "ok\n".into()),
             Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
         },
-        "/readyz" => match ops.readiness() {
-            Ok(()) => text(StatusCode::OK, "ok\n".into()),
-            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, why.join("\n") + "\n"),
-        },
+        "/readyz" => {
+            let r = tokio::task::spawn_blocking(move || view::readiness(src.as_ref(), &ops)).await;
+            match r {
+                Ok(Ok(())) => text(StatusCode::OK, "ok\n".into()),
+                Ok(Err(why)) => text(StatusCode::SERVICE_UNAVAILABLE, why.join("\n") + "\n"),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("readyz: {e}\n")),
+            }
+        }
         "/metrics" => {
             let r = tokio::task::spawn_blocking(move || {
                 let v = view::build(src.as_ref(), &ops);
@@ -188,12 +192,18 @@ mod tests {
     use super::*;
     use crate::datastore::Cluster;
     use crate::ipam::IpamState;
+    use ocelot_dataplane::api::{
+        Envelope, Outcome, Reply, Request as DpRequest, Response as DpResponse,
+    };
+    use std::io::{BufRead, BufReader, Write};
     use std::path::PathBuf;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::Duration;
 
     struct Fixed {
         cluster: Cluster,
         ipam: std::sync::Mutex<IpamState>,
+        socket: PathBuf,
     }
 
     impl Source for Fixed {
@@ -201,7 +211,7 @@ mod tests {
             "node-1".into()
         }
         fn dataplane_socket(&self) -> PathBuf {
-            "/nonexistent/ocelot-test/dp.sock".into()
+            self.socket.clone()
         }
         fn with_cluster(&self, f: &mut dyn FnMut(&Cluster)) {
             f(&self.cluster)
@@ -211,20 +221,66 @@ mod tests {
         }
     }
 
-    fn fixed() -> Arc<Fixed> {
+    fn fixed(socket: PathBuf) -> Arc<Fixed> {
         let (objs, _) = crate::model::parse_documents(
             "apiVersion: ocelot.dev/v1\nkind: IPPool\nmetadata: {name: default}\nspec: {cidr: 10.90.0.0/16}\n",
         )
         .unwrap();
-        Arc::new(Fixed { cluster: Cluster::from_objects(&objs), ipam: Default::default() })
+        Arc::new(Fixed { cluster: Cluster::from_objects(&objs), ipam: Default::default(), socket })
+    }
+
+    /// A stand-in dataplane on a unix socket: answers `hello`, and
+    /// `counters` with one pod port whose receive count grows by 10 per
+    /// request.
+    fn fake_dataplane(path: &std::path::Path) {
+        let _ = std::fs::remove_file(path);
+        let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+        let rx = Arc::new(AtomicU64::new(0));
+        std::thread::spawn(move || {
+            for conn in l.incoming().flatten() {
+                let rx = rx.clone();
+                std::thread::spawn(move || {
+                    let mut w = conn.try_clone().unwrap();
+                    for line in BufReader::new(conn).lines().map_while(Result::ok) {
+                        let Ok(e) = serde_json::from_str::<Envelope>(&line) else { return };
+                        let reply = match e.request {
+                            DpRequest::Hello { .. } => Reply::Hello {
+                                version: 1,
+                                dataplane: "fake".into(),
+                                tables_version: 1,
+                            },
+                            DpRequest::Counters => {
+                                let n = rx.fetch_add(10, Ordering::Relaxed) + 10;
+                                let port = serde_json::json!({
+                                    "port": 1, "name": "ocpod", "kind": "pod",
+                                    "rx_packets": n, "rx_bytes": 0, "tx_packets": 0, "tx_bytes": 0,
+                                    "drops": {"no_route": n / 10}
+                                });
+                                Reply::Counters {
+                                    ports: vec![serde_json::from_value(port).unwrap()],
+                                    workers: vec![],
+                                    drop_reasons: vec![("no_route".into(), "no route".into())],
+                                }
+                            }
+                            _ => return,
+                        };
+                        let r = DpResponse { id: Some(e.id), outcome: Outcome::Ok(reply) };
+                        let _ = writeln!(w, "{}", serde_json::to_string(&r).unwrap());
+                    }
+                });
+            }
+        });
     }
 
     /// A real listener on 127.0.0.1 port 0: probes follow the state, the
     /// exposition parses and its values move.
     #[test]
     fn endpoints_over_a_real_listener() {
+        let dir = std::env::temp_dir().join(format!("ocelot-http-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("dp.sock");
         let ops = Arc::new(OpsState::new(Duration::from_secs(30)));
-        let src = fixed();
+        let src = fixed(socket.clone());
         let addr = serve("127.0.0.1:0".parse().unwrap(), ops.clone(), src.clone()).unwrap();
         let a = addr.to_string();
         let t = Duration::from_secs(5);
@@ -238,19 +294,32 @@ mod tests {
         ops.tick();
         ops.set_datastore_synced(true);
         ops.set_dataplane(true);
-        assert_eq!(get(&a, "/readyz", t).unwrap().0, 200);
+        // The agent believes it is connected, but nothing answers there.
+        let (code, body) = get(&a, "/readyz", t).unwrap();
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains("dataplane not reachable at"), "{body}");
 
-        let (code, m1) = get(&a, "/metrics", t).unwrap();
+        let (code, m0) = get(&a, "/metrics", t).unwrap();
         assert_eq!(code, 200);
+        let s0 = metrics::tests::parse(&m0).unwrap();
+        assert_eq!(s0["ocelot_dataplane_up"], 0.0, "no dataplane at that socket");
+        assert_eq!(s0["ocelot_agent_ready"], 0.0);
+
+        fake_dataplane(&socket);
+        assert_eq!(get(&a, "/readyz", t).unwrap(), (200, "ok\n".into()));
+        let (_, m1) = get(&a, "/metrics", t).unwrap();
         let s1 = metrics::tests::parse(&m1).unwrap();
         assert_eq!(s1["ocelot_agent_ready"], 1.0);
-        assert_eq!(s1["ocelot_dataplane_up"], 0.0, "no dataplane at that socket");
+        assert_eq!(s1["ocelot_dataplane_up"], 1.0);
         assert_eq!(s1[r#"ocelot_ipam_pool_capacity_addresses{pool="default"}"#], 65536.0);
+        let rx = r#"ocelot_dataplane_port_rx_packets_total{port="ocpod",kind="pod"}"#;
 
         ops.sync_error("overlay");
         ops.policy_calculated(Duration::from_micros(300));
         let (_, m2) = get(&a, "/metrics", t).unwrap();
         let s2 = metrics::tests::parse(&m2).unwrap();
+        assert!(s2[rx] > s1[rx], "counters move: {} then {}", s1[rx], s2[rx]);
+        assert!(s2[r#"ocelot_dataplane_drops_total{reason="no_route"}"#] >= 0.0);
         assert_eq!(s2[r#"ocelot_agent_sync_errors_total{kind="overlay"}"#], 1.0);
         assert_eq!(s2["ocelot_policy_calculation_seconds_count"], 1.0);
 
@@ -259,11 +328,12 @@ mod tests {
         let v: view::AgentView = serde_json::from_str(&st).unwrap();
         assert_eq!(v.node, "node-1");
         assert_eq!(v.pools[0].cidr, "10.90.0.0/16");
-        assert!(v.ready);
+        assert!(v.ready, "{v:?}");
 
         assert_eq!(get(&a, "/nope", t).unwrap().0, 404);
         ops.set_dataplane(false);
         assert_eq!(get(&a, "/readyz", t).unwrap().0, 503);
         assert!(get("127.0.0.1:1", "/livez", t).unwrap_err().contains("cannot reach"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -126,11 +126,29 @@ fn encapsulation(p: &crate::model::IpPoolSpec) -> String {
     }
 }
 
+/// Readiness as `/readyz` answers it: the agent's own flags, and the
+/// dataplane answering a fresh connection now (the agent's link only finds
+/// out the dataplane died at its next request).
+pub fn readiness(src: &dyn Source, ops: &OpsState) -> Result<(), Vec<String>> {
+    let mut why = ops.readiness().err().unwrap_or_default();
+    if ops.flags().dataplane_connected {
+        let socket = src.dataplane_socket();
+        if let Err(e) = ocelot_dataplane::api::client::Client::connect(&socket, "ocelot-readyz") {
+            why.push(format!("dataplane not reachable at {}: {e}", socket.display()));
+        }
+    }
+    if why.is_empty() {
+        Ok(())
+    } else {
+        Err(why)
+    }
+}
+
 /// Build the view from the agent's state.
 pub fn build(src: &dyn Source, ops: &OpsState) -> AgentView {
     let node = src.node();
     let Flags { datastore_synced, dataplane_connected, endpoints_synced } = ops.flags();
-    let not_ready = ops.readiness().err().unwrap_or_default();
+    let not_ready = readiness(src, ops).err().unwrap_or_default();
     let calc: Histogram = ops.policy_calc();
     let mut v = AgentView {
         node: node.clone(),

@@ -288,3 +288,162 @@ fn an_exhausted_pool_is_a_clear_error_and_leaks_nothing() {
         .success());
     add(&node, &pods[2], "cid-c", "c");
 }
+
+/// `GET http://127.0.0.1:9099{path}` (the agent's default --metrics-addr)
+/// from inside namespace `netns`: (status, body).
+fn agent_http(netns: &str, path: &str) -> (u16, String) {
+    let script = "import sys,urllib.request,urllib.error\n\
+try:\n r=urllib.request.urlopen('http://127.0.0.1:9099'+sys.argv[1],timeout=5);c=r.status;b=r.read()\n\
+except urllib.error.HTTPError as e:\n c=e.code;b=e.read()\n\
+except OSError as e:\n c=0;b=str(e).encode()\n\
+print(c);sys.stdout.write(b.decode())";
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", netns, "python3", "-c", script, path])
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (code, body) = text.split_once('\n').unwrap_or((&text, ""));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// The samples of a Prometheus text exposition, `name{labels}` → value;
+/// panics on a line that is not a comment or a sample.
+fn samples(text: &str) -> std::collections::BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (series, v) = l.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {l:?}"));
+            let v = match v {
+                "NaN" => f64::NAN,
+                "+Inf" => f64::INFINITY,
+                v => v.parse().unwrap_or_else(|_| panic!("bad value in {l:?}")),
+            };
+            (series.to_string(), v)
+        })
+        .collect()
+}
+
+fn sum(s: &std::collections::BTreeMap<String, f64>, prefix: &str) -> f64 {
+    s.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, v)| v).sum()
+}
+
+/// A running agent's /livez, /readyz, /metrics and /status, and `ocelot
+/// status`: ready once synced, values move with traffic and pods, not ready
+/// once the dataplane is gone.
+#[test]
+fn agent_serves_probes_metrics_and_status() {
+    let (ds, mut node) = setup();
+    let ns = node.ns.name.clone();
+    assert!(
+        wait_until(Duration::from_secs(10), || agent_http(&ns, "/readyz").0 == 200),
+        "never ready: {:?}\n{}",
+        agent_http(&ns, "/readyz"),
+        node.agent.log_text()
+    );
+    assert_eq!(agent_http(&ns, "/livez"), (200, "ok\n".into()));
+    let (code, m1) = agent_http(&ns, "/metrics");
+    assert_eq!(code, 200);
+    assert!(m1.contains("# TYPE ocelot_dataplane_drops_total counter"), "{m1}");
+    let s1 = samples(&m1);
+    assert_eq!(s1["ocelot_dataplane_up"], 1.0, "{m1}");
+    assert_eq!(s1["ocelot_agent_ready"], 1.0);
+    assert_eq!(s1["ocelot_agent_endpoints"], 0.0);
+
+    write_pod(&ds.0, "a", "");
+    write_pod(&ds.0, "b", "");
+    let (pa, pb) = (Netns::new("octp"), Netns::new("octp"));
+    let a_ip = ip_of(&add(&node, &pa, "cid-a", "a"));
+    let b_ip = ip_of(&add(&node, &pb, "cid-b", "b"));
+    assert!(pa.ping(&b_ip) && pb.ping(&a_ip));
+    let _ = pa.exec_out("ping -c1 -W1 10.90.250.250"); // in the pool, nobody: no_route
+    let moved = wait_until(Duration::from_secs(5), || {
+        let s = samples(&agent_http(&ns, "/metrics").1);
+        s["ocelot_agent_endpoints"] == 2.0
+            && s[r#"ocelot_ipam_node_allocated_addresses{pool="default"}"#] == 2.0
+            && sum(&s, "ocelot_dataplane_port_rx_packets_total{")
+                > sum(&s1, "ocelot_dataplane_port_rx_packets_total{")
+            && s["ocelot_policy_calculation_seconds_count"] >= 1.0
+    });
+    assert!(moved, "metrics did not follow:\n{}", agent_http(&ns, "/metrics").1);
+
+    let (code, st) = agent_http(&ns, "/status");
+    assert_eq!(code, 200);
+    let v: Value = serde_json::from_str(&st).unwrap();
+    assert_eq!(v["node"], "node-1");
+    assert_eq!(v["endpoints"].as_array().unwrap().len(), 2, "{v}");
+
+    let status = |format: &str| {
+        node.ns.exec_out(&format!(
+            "{} status -o {format} --dataplane-socket {}",
+            bin("ocelot").display(),
+            node.dir.0.join("dp.sock").display()
+        ))
+    };
+    let out = status("json");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["healthy"], true, "{r}");
+    assert_eq!(r["dataplane"]["endpoints"].as_array().unwrap().len(), 2, "{r}");
+    let table = String::from_utf8_lossy(&status("table").stdout).to_string();
+    assert!(table.contains("Agent:      ready") && table.contains("x/a"), "{table}");
+
+    // The dataplane gone: not ready, and said why; alive all the same.
+    node.dataplane.kill();
+    let _ = std::fs::remove_file(node.dir.0.join("dp.sock"));
+    assert!(
+        wait_until(Duration::from_secs(5), || agent_http(&ns, "/readyz").0 == 503),
+        "still ready without a dataplane"
+    );
+    assert!(agent_http(&ns, "/readyz").1.contains("dataplane not reachable"));
+    assert_eq!(agent_http(&ns, "/livez").0, 200);
+    assert_eq!(samples(&agent_http(&ns, "/metrics").1)["ocelot_dataplane_up"], 0.0);
+    let out = status("json");
+    assert!(!out.status.success(), "`ocelot status` exits 1 when unhealthy");
+    node.restart_dataplane();
+    assert!(
+        wait_until(Duration::from_secs(10), || agent_http(&ns, "/readyz").0 == 200),
+        "not ready again after the dataplane came back"
+    );
+}
+
+/// `ocelot status` on a two-node VXLAN lab: the peer, its route and the
+/// tunnel are listed, with honest words on the peer's health.
+#[test]
+fn status_on_an_overlay_lab_lists_the_peer() {
+    let file = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../manifests/examples/lab-overlay.yaml");
+    let lab = Lab::up(&file.display().to_string());
+    let b = lab.pod_ip("x/b");
+    assert!(lab.pod_exec_out("x/a", &format!("ping -c2 -W2 {b}")).status.success());
+    let cmd = format!(
+        "{} status -o json --dataplane-socket {}",
+        bin("ocelot").display(),
+        lab.node_dir("node-1").join("dp.sock").display()
+    );
+    let mut r = Value::Null;
+    let ok = wait_until(Duration::from_secs(10), || {
+        let out = lab.node_exec_out("node-1", &cmd);
+        r = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        out.status.success() && r["peers"].as_array().is_some_and(|p| !p.is_empty())
+    });
+    assert!(ok, "{r}");
+    let peer = &r["peers"][0];
+    assert_eq!(peer["name"], "node-2", "{r}");
+    assert_eq!(peer["encap"], "vxlan", "{r}");
+    assert!(peer["routes"].as_u64().unwrap() >= 1, "{r}");
+    assert!(peer["tunnel"].as_str().unwrap().starts_with("unknown"), "{r}");
+    assert!(
+        r["dataplane"]["tunnels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["rx_packets"].as_u64() > Some(0)),
+        "{r}"
+    );
+    assert!(r["agent"]["blocks"].as_array().is_some_and(|b| !b.is_empty()), "{r}");
+    let table = String::from_utf8_lossy(
+        &lab.node_exec_out("node-1", &cmd.replace("-o json", "-o table")).stdout,
+    )
+    .to_string();
+    assert!(table.contains("Peers (1):") && table.contains("node-2"), "{table}");
+}
