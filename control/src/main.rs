@@ -30,6 +30,13 @@ enum Cmd {
     /// A cluster of nodes and pods in network namespaces, no Kubernetes needed.
     #[command(subcommand)]
     Lab(lab::LabCmd),
+    /// The cluster role (one Deployment, leader-elected through a Lease):
+    /// IPAM garbage collection of deleted Pods' addresses and deleted
+    /// Nodes' blocks, never a live pod's.
+    Controller(ocelot_control::k8s::controller::ControllerArgs),
+    /// Print Ocelot's CustomResourceDefinitions (IPPool, IPAMBlock,
+    /// BlockAffinity) as YAML: `ocelot crds | kubectl apply -f -`.
+    Crds,
     /// Install the CNI plugin and its network configuration on this node
     /// (the DaemonSet's init container): atomic, and a no-op when done.
     InstallCni(ops::install::InstallCniArgs),
@@ -44,6 +51,10 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Agent(a) => agent::run(a),
         Cmd::Lab(c) => lab::run(c),
+        Cmd::Controller(a) => ocelot_control::k8s::controller::run(a),
+        Cmd::Crds => ocelot_control::k8s::crd::all_yaml()
+            .map(|y| print!("{y}"))
+            .map_err(|e| anyhow::anyhow!("cannot render the CRDs: {e}")),
         Cmd::InstallCni(a) => ops::install::run(a),
         Cmd::Status(a) => match ops::status::run(a) {
             Ok(code) => return code,
