@@ -642,6 +642,17 @@ impl Lab {
         targets: &[(u16, &str)],
         timeout_ms: u64,
     ) -> Vec<Result<serde_json::Value, String>> {
+        self.probe_many_with(targets, timeout_ms, &[])
+    }
+
+    /// [`Lab::probe_many`] with more `ocelot lab probe` flags (say
+    /// `--via-services`).
+    pub fn probe_many_with(
+        &self,
+        targets: &[(u16, &str)],
+        timeout_ms: u64,
+        extra: &[&str],
+    ) -> Vec<Result<serde_json::Value, String>> {
         let children: Vec<Result<Child, String>> = targets
             .iter()
             .map(|(port, proto)| {
@@ -650,6 +661,7 @@ impl Lab {
                     .arg(&self.run_dir.0)
                     .args(["--port", &port.to_string(), "--protocol", proto, "-o", "json"])
                     .args(["--timeout-ms", &timeout_ms.to_string()])
+                    .args(extra)
                     .stdin(Stdio::null())
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped())

@@ -214,6 +214,9 @@ mod netpol;
 #[path = "e2e/xdp.rs"]
 mod xdp;
 
+#[path = "e2e/services.rs"]
+mod services;
+
 /// Two workers: ports are spread over them, and frames received by the
 /// worker that does not own their flow are handed to the one that does.
 #[test]

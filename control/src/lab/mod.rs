@@ -189,6 +189,11 @@ pub struct ProbeArgs {
     /// Also list every pair that was not reached, and why.
     #[arg(short, long)]
     pub verbose: bool,
+    /// Reach each pod through the cluster IP of a Service of its own (one
+    /// whose EndpointSlices list that pod alone, on the same port) rather
+    /// than at its address; a pod without one is not probed.
+    #[arg(long)]
+    pub via_services: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -211,7 +216,8 @@ pub struct ExternalAddArgs {
     #[command(flatten)]
     pub lab: LabRef,
     /// Its name (namespace `ocl-<lab>-ext-<name>`; it answers as `external/<name>`).
-    pub name: String,
+    #[arg(value_name = "NAME")]
+    pub external: String,
     /// The underlay subnet it joins (0 is the fabric CIDR).
     #[arg(long, default_value_t = 0)]
     pub subnet: u32,
@@ -224,7 +230,8 @@ pub struct ExternalAddArgs {
 pub struct ExternalDeleteArgs {
     #[command(flatten)]
     pub lab: LabRef,
-    pub name: String,
+    #[arg(value_name = "NAME")]
+    pub external: String,
 }
 
 /// `ocelot lab connect` flags.
@@ -309,12 +316,12 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
                 .iter()
                 .map(|(p, pr)| state::PortSpec { port: *p, protocol: pr.as_str().into() })
                 .collect();
-            let e = lab.add_external(&a.name, a.subnet, ports)?;
+            let e = lab.add_external(&a.external, a.subnet, ports)?;
             println!("{}", serde_json::to_string_pretty(&e)?);
             Ok(())
         }
         LabCmd::External(ExternalCmd::Delete(a)) => {
-            Lab::open(&a.lab.run_dir, &a.lab.name)?.remove_external(&a.name)
+            Lab::open(&a.lab.run_dir, &a.lab.name)?.remove_external(&a.external)
         }
         LabCmd::Serve(a) => serve::run(a),
     }
@@ -547,6 +554,40 @@ fn service_endpoints(c: &crate::datastore::Cluster, svc: &crate::model::Service)
     v
 }
 
+/// Each pod that is the only endpoint of some Service, with that Service's
+/// cluster IP (the first such Service by name). Services that map ports
+/// elsewhere are not used: a probe keeps its port.
+fn own_services(
+    s: &state::LabState,
+) -> anyhow::Result<std::collections::BTreeMap<String, std::net::IpAddr>> {
+    let ds = crate::datastore::DirDatastore::open(&s.datastore())?;
+    let c = crate::datastore::Datastore::cluster(&ds);
+    let mut out = std::collections::BTreeMap::new();
+    for svc in c.services.values() {
+        let Some(ip) = svc.spec.cluster_ip.as_deref().and_then(|a| a.parse().ok()) else {
+            continue;
+        };
+        let same_ports = svc.spec.ports.iter().all(|p| match &p.target_port {
+            None => true,
+            Some(crate::model::IntOrString::Int(n)) => *n == p.port,
+            Some(crate::model::IntOrString::Str(_)) => false,
+        });
+        let pods: BTreeSet<String> = c
+            .endpoint_slices
+            .values()
+            .filter(|sl| sl.service_key() == Some(svc.key()))
+            .flat_map(|sl| sl.endpoints.iter())
+            .filter_map(|e| e.target_ref.as_ref().filter(|r| r.kind == "Pod"))
+            .map(|r| format!("{}/{}", r.namespace.as_deref().unwrap_or(svc.namespace()), r.name))
+            .collect();
+        if same_ports && pods.len() == 1 {
+            let pod = pods.into_iter().next().expect("one");
+            out.entry(pod).or_insert(ip);
+        }
+    }
+    Ok(out)
+}
+
 /// `get services` as kubectl prints it.
 fn services_table(c: &crate::datastore::Cluster) -> String {
     let mut rows: Vec<Vec<String>> =
@@ -697,12 +738,17 @@ fn probe_cmd(a: ProbeArgs) -> anyhow::Result<()> {
     if targets.is_empty() {
         bail!("no pod declares a containerPort to probe (give --port)");
     }
+    let own = if a.via_services { own_services(&s)? } else { Default::default() };
     let peers: Vec<Peer> = running
         .iter()
         .map(|p| Peer {
             key: p.key(),
             netns: p.netns_path(),
-            ip: p.ips.first().and_then(|ip| ip.parse().ok()),
+            ip: if a.via_services {
+                own.get(&p.key()).copied()
+            } else {
+                p.ips.first().and_then(|ip| ip.parse().ok())
+            },
         })
         .collect();
     let t0 = std::time::Instant::now();
@@ -802,6 +848,28 @@ mod tests {
         .unwrap();
         let LabCmd::Serve(s) = t.cmd else { panic!() };
         assert_eq!(s.ports, [(80, Protocol::Tcp), (81, Protocol::Udp)]);
+        let t = T::try_parse_from([
+            "lab", "external", "add", "outside", "--name", "e2e", "--port", "80", "--subnet", "1",
+        ])
+        .unwrap();
+        let LabCmd::External(ExternalCmd::Add(e)) = t.cmd else { panic!() };
+        assert_eq!((e.external.as_str(), e.lab.name.as_str(), e.subnet), ("outside", "e2e", 1));
+        let t = T::try_parse_from([
+            "lab",
+            "connect",
+            "svc/client",
+            "10.96.0.2:53",
+            "--protocol",
+            "udp",
+            "--dns",
+            "--count",
+            "5",
+        ])
+        .unwrap();
+        let LabCmd::Connect(c) = t.cmd else { panic!() };
+        assert_eq!((c.protocol, c.dns, c.count), (Protocol::Udp, true, 5));
+        assert!(T::try_parse_from(["lab", "get", "svc"]).is_ok());
+        assert!(T::try_parse_from(["lab", "external", "delete", "outside"]).is_ok());
         let t = T::try_parse_from(["lab", "up", "-f", "x.yaml"]).unwrap();
         let LabCmd::Up(u) = t.cmd else { panic!() };
         assert_eq!(u.subnet_cidrs, ["198.51.100.0/24", "203.0.113.0/24"]);

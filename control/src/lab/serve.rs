@@ -162,7 +162,7 @@ fn converse(mut c: std::net::TcpStream, answer: &str) {
     if c.write_all(answer.as_bytes()).is_err() {
         return;
     }
-    let peer = c.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+    let peer = c.peer_addr().map(|a| canonical(a).to_string()).unwrap_or_else(|_| "?".into());
     let Ok(r) = c.try_clone() else { return };
     for line in BufReader::new(r).lines() {
         let Ok(line) = line else { return };
@@ -173,6 +173,11 @@ fn converse(mut c: std::net::TcpStream, answer: &str) {
     }
 }
 
+/// IPv4 clients of the dual-stack sockets as IPv4 (`1.2.3.4:5`).
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
 /// The reply to one datagram.
 fn udp_reply(req: &[u8], answer: &str, from: SocketAddr) -> Vec<u8> {
     let name = answer.trim_end();
@@ -180,7 +185,7 @@ fn udp_reply(req: &[u8], answer: &str, from: SocketAddr) -> Vec<u8> {
         return dns;
     }
     if String::from_utf8_lossy(req).trim() == PEER_QUESTION {
-        return format!("{name} {from}\n").into_bytes();
+        return format!("{name} {}\n", canonical(from)).into_bytes();
     }
     answer.as_bytes().to_vec()
 }

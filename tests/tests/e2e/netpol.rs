@@ -56,6 +56,27 @@ const DEADLINE: Duration = Duration::from_secs(5);
 /// Pause between probe rounds.
 const ROUND_PAUSE: Duration = Duration::from_millis(50);
 
+/// How probes reach their target pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    /// At the pod's address.
+    Pods,
+    /// At the cluster IP of a Service of the pod's own (no selector, one
+    /// EndpointSlice listing the pod, every served port on its own
+    /// number): the policy then judges the translated flow.
+    Services,
+}
+
+impl Via {
+    /// The `ocelot lab probe` flags.
+    fn probe_args(self) -> &'static [&'static str] {
+        match self {
+            Via::Pods => &[],
+            Via::Services => &["--via-services"],
+        }
+    }
+}
+
 type Labels = BTreeMap<String, String>;
 
 /// A served port of a pod, as its containerPort declares it.
@@ -416,9 +437,47 @@ impl Model {
         self.pods.values().map(|p| node_of(p.ip)).collect()
     }
 
+    /// A Service per pod, with its EndpointSlice: `to-<pod>` in the pod's
+    /// namespace, cluster IP 10.96.1.<n> in the pods' order.
+    fn services(&self) -> Vec<Value> {
+        let mut docs = Vec::new();
+        for (i, p) in self.pods.values().enumerate() {
+            let name = format!("to-{}", p.name);
+            let port_name =
+                |sp: &ServedPort| format!("p{}-{}", sp.port, sp.protocol.to_lowercase());
+            let ports: Vec<Value> = p
+                .ports
+                .iter()
+                .map(|sp| json!({"name": port_name(sp), "port": sp.port, "targetPort": sp.port, "protocol": sp.protocol}))
+                .collect();
+            docs.push(json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": p.namespace},
+                "spec": {"clusterIP": format!("10.96.1.{}", i + 1), "ports": ports},
+            }));
+            let slice_ports: Vec<Value> = p
+                .ports
+                .iter()
+                .map(|sp| json!({"name": port_name(sp), "port": sp.port, "protocol": sp.protocol}))
+                .collect();
+            docs.push(json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": format!("{name}-1"), "namespace": p.namespace,
+                             "labels": {"kubernetes.io/service-name": name}},
+                "addressType": "IPv4",
+                "ports": slice_ports,
+                "endpoints": [{
+                    "addresses": [p.ip.to_string()], "nodeName": node_of(p.ip),
+                    "targetRef": {"kind": "Pod", "namespace": p.namespace, "name": p.name},
+                }],
+            }));
+        }
+        docs
+    }
+
     /// The lab as `ocelot lab up` takes it: the pool, the nodes, the
-    /// namespaces and the pods.
-    fn lab_yaml(&self) -> String {
+    /// namespaces and the pods (and their Services, probing through them).
+    fn lab_yaml(&self, via: Via) -> String {
         let (base, len) = POOL;
         let mut docs = vec![json!({
             "apiVersion": "ocelot.dev/v1", "kind": "IPPool", "metadata": {"name": "netpol"},
@@ -433,6 +492,9 @@ impl Model {
         }
         for (k, p) in &self.pods {
             docs.push(pod_doc(p, &w.pods[k]));
+        }
+        if via == Via::Services {
+            docs.extend(self.services());
         }
         yaml(&docs)
     }
@@ -587,7 +649,7 @@ fn wait_noticed(lab: &Lab, before: &BTreeMap<String, usize>) -> Vec<String> {
 }
 
 /// Put the lab in `case`'s state, then probe until the result settles.
-fn run_case(lab: &Lab, model: &Model, case: &Case, current: &mut World) -> Outcome {
+fn run_case(lab: &Lab, model: &Model, case: &Case, current: &mut World, via: Via) -> Outcome {
     let t0 = Instant::now();
     let want = model.world(case);
     let change = model.change(current, &want);
@@ -646,7 +708,7 @@ fn run_case(lab: &Lab, model: &Model, case: &Case, current: &mut World) -> Outco
     let mut run: Option<(Vec<Seen>, Instant, usize)> = None;
     loop {
         let start = Instant::now();
-        let answers = lab.probe_many(&targets, PROBE_TIMEOUT_MS);
+        let answers = lab.probe_many_with(&targets, PROBE_TIMEOUT_MS, via.probe_args());
         let seen: Vec<Seen> = case
             .probes
             .iter()
@@ -802,16 +864,28 @@ fn netpol_changes_are_differences() {
 /// Every upstream case on one lab, in order; all must pass.
 #[test]
 fn upstream_netpol_cases_pass_on_one_lab() {
+    run_suite(Via::Pods);
+}
+
+/// The same cases with every target reached through a ClusterIP Service
+/// of its own: NetworkPolicy holds for translated flows as for direct ones.
+#[test]
+fn upstream_netpol_cases_pass_through_services() {
+    run_suite(Via::Services);
+}
+
+/// Every case on one lab, in order, probing `via`; all must pass.
+fn run_suite(via: Via) {
     let t0 = Instant::now();
     let suite = Suite::load();
     let model = Model::new(&suite);
-    let lab = Lab::up_yaml(&model.lab_yaml());
+    let lab = Lab::up_yaml(&model.lab_yaml(via));
     let up = t0.elapsed();
     let mut current = model.base();
     let mut outcomes = Vec::new();
     for (i, case) in suite.cases.iter().enumerate() {
         eprintln!("[{}/{}] {}", i + 1, suite.cases.len(), case.name);
-        let o = run_case(&lab, &model, case, &mut current);
+        let o = run_case(&lab, &model, case, &mut current, via);
         eprintln!(
             "    {} in {:.1} s, {} round(s)",
             if o.passed { "pass" } else { "FAIL" },
@@ -822,6 +896,6 @@ fn upstream_netpol_cases_pass_on_one_lab() {
     }
     drop(lab);
     let text = report(&outcomes, up, t0.elapsed());
-    assert!(outcomes.iter().all(|o| o.passed), "{text}");
+    assert!(outcomes.iter().all(|o| o.passed), "probing {via:?}: {text}");
     eprintln!("{text}");
 }
