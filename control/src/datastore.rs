@@ -55,6 +55,16 @@ impl Cluster {
     }
 }
 
+/// Which datastore the agent reads (`--datastore-type`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DatastoreType {
+    /// A directory of YAML files (the lab's, and the default).
+    #[default]
+    Dir,
+    /// The Kubernetes API server (in-cluster configuration, or KUBECONFIG).
+    Kubernetes,
+}
+
 /// A source of cluster state.
 pub trait Datastore: Send {
     /// Pick up changes; true when the cluster changed since the last call.

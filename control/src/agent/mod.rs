@@ -16,7 +16,7 @@ pub mod policy;
 pub mod pools;
 pub mod services;
 
-use crate::datastore::{Cluster, Datastore, DirDatastore};
+use crate::datastore::{Cluster, Datastore, DatastoreType, DirDatastore};
 use crate::ipam::store::{FileStore, IpamStore};
 use crate::ipam::Ipam;
 use dataplane::DataplaneLink;
@@ -37,6 +37,11 @@ pub struct AgentArgs {
     /// state lives in its `.ipam/` subdirectory.
     #[arg(long, default_value = "/etc/ocelot/datastore")]
     pub datastore: PathBuf,
+    /// Where the cluster is read: `dir` (the --datastore directory) or
+    /// `kubernetes` (the API server, through the in-cluster configuration
+    /// or KUBECONFIG; see docs/design.md).
+    #[arg(long, env = "OCELOT_DATASTORE_TYPE", value_enum, default_value_t = DatastoreType::Dir)]
+    pub datastore_type: DatastoreType,
     /// The dataplane's control socket.
     #[arg(long, default_value = "/run/ocelot/dataplane.sock")]
     pub dataplane_socket: PathBuf,
@@ -104,7 +109,9 @@ pub struct Agent {
     /// IPAM state: the datastore directory's file, or IPAMBlocks on Kubernetes.
     pub ipam: Arc<dyn IpamStore>,
     pub cluster: RwLock<Cluster>,
-    datastore: Mutex<DirDatastore>,
+    datastore: Mutex<Box<dyn Datastore>>,
+    /// On Kubernetes: the API client (for IPAM too) and node publishing.
+    pub kube: Option<crate::k8s::publish::KubeLink>,
     dataplane: DataplaneLink,
     /// The overlay last applied by the dataplane (None: not yet, or the
     /// dataplane reconnected and needs it again).
@@ -124,12 +131,20 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(args: AgentArgs) -> anyhow::Result<Agent> {
-        let ds = DirDatastore::open(&args.datastore)?;
+        let (ds, kube): (Box<dyn Datastore>, _) = match args.datastore_type {
+            DatastoreType::Dir => (Box::new(DirDatastore::open(&args.datastore)?), None),
+            DatastoreType::Kubernetes => {
+                let (ds, link) =
+                    crate::k8s::datastore::open_for_agent(&args.node, Duration::from_secs(30))?;
+                (Box::new(ds), Some(link))
+            }
+        };
         let ipam: Arc<dyn IpamStore> = Arc::new(FileStore::open(&args.datastore.join(".ipam"))?);
         Ok(Agent {
             node: args.node.clone(),
             cluster: RwLock::new(ds.cluster().clone()),
             datastore: Mutex::new(ds),
+            kube,
             ipam,
             dataplane: DataplaneLink::new(args.dataplane_socket.clone()),
             overlay: Mutex::new(None),
@@ -215,7 +230,10 @@ impl Agent {
                     mtu = overlay.uplink_mtu,
                     "overlay applied"
                 );
+                let published = (overlay.spec.local_ip, overlay.uplink_prefix);
                 *g = Some(overlay);
+                drop(g);
+                self.publish_node(published);
             }
             Ok(r) => {
                 self.ops.sync_error("overlay");
@@ -231,6 +249,11 @@ impl Agent {
     /// Compute this node's endpoints' NetworkPolicy and send the dataplane
     /// what changed. Errors are logged and retried on the next change.
     pub fn sync_policy(&self) {
+        if !self.datastore_ready() {
+            // An empty cluster would lift every policy: wait for the lists.
+            tracing::debug!("datastore not listed yet; policy not sent");
+            return;
+        }
         let ipam = match self.ipam.load() {
             Ok(s) => s,
             Err(e) => {
@@ -313,6 +336,35 @@ impl Agent {
         Some(overlay::pod_mtu(uplink, c.pools.values()))
     }
 
+    /// Has the datastore read the whole cluster once (Kubernetes: every
+    /// watcher listed)? And the error keeping it from being current.
+    pub fn datastore_ready(&self) -> bool {
+        self.datastore.lock().unwrap_or_else(|e| e.into_inner()).ready()
+    }
+
+    pub fn datastore_error(&self) -> Option<String> {
+        self.datastore.lock().unwrap_or_else(|e| e.into_inner()).last_error()
+    }
+
+    /// On Kubernetes: this node's VTEP MAC and underlay address as
+    /// annotations, and NetworkUnavailable=False, once the dataplane has
+    /// the overlay (`underlay`: its address and prefix).
+    fn publish_node(&self, underlay: (std::net::Ipv4Addr, u8)) {
+        let Some(k) = &self.kube else { return };
+        let node =
+            self.cluster.read().unwrap_or_else(|e| e.into_inner()).nodes.get(&self.node).cloned();
+        if let Some(node) = node {
+            k.publish_node(&node, underlay);
+        }
+    }
+
+    /// A Warning Event regarding this node (Kubernetes only; rate-limited).
+    pub fn warn_event(&self, reason: &str, note: &str) {
+        if let Some(k) = &self.kube {
+            k.warn(reason, note);
+        }
+    }
+
     /// Re-read the datastore; true when something changed.
     pub fn refresh(&self) -> bool {
         let mut ds = self.datastore.lock().unwrap_or_else(|e| e.into_inner());
@@ -388,6 +440,7 @@ impl Agent {
             }
             Err(e) => {
                 tracing::debug!("{e}");
+                self.warn_event("DataplaneUnreachable", &e.to_string());
                 false
             }
         }
@@ -475,7 +528,15 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         tracing::info!(%bound, "serving /livez /readyz /metrics /status");
     }
     let a = agent.clone();
-    let wake = watch_datastore(&args.datastore);
+    let wake = match args.datastore_type {
+        DatastoreType::Dir => watch_datastore(&args.datastore).map(|(w, rx)| (Some(w), rx)),
+        DatastoreType::Kubernetes => agent
+            .datastore
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .subscribe()
+            .map(|rx| (None, rx)),
+    };
     std::thread::Builder::new().name("ocelot-watch".into()).spawn(move || loop {
         a.ops.tick();
         a.ops.set_dataplane(a.dataplane.connected());

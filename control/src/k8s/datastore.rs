@@ -314,6 +314,32 @@ impl KubeDatastore {
     }
 }
 
+/// The agent's Kubernetes datastore: connected, its initial lists waited
+/// for (at most `wait`; after that the agent starts anyway and converges
+/// when the lists arrive), and the link for IPAM and node publishing.
+pub fn open_for_agent(
+    node: &str,
+    wait: Duration,
+) -> anyhow::Result<(KubeDatastore, super::publish::KubeLink)> {
+    let mut ds = KubeDatastore::connect(Options::new(node))?;
+    if ds.wait_ready(wait) {
+        ds.refresh();
+        tracing::info!(node, "Kubernetes datastore listed");
+    } else {
+        let h = ds.health();
+        let missing: Vec<&String> =
+            h.watchers.iter().filter(|(_, w)| !w.listed).map(|(k, _)| k).collect();
+        tracing::warn!(
+            ?missing,
+            error = h.failing().unwrap_or_default(),
+            "the API server has not answered every list yet; starting, and converging when it does"
+        );
+    }
+    let handle = ds.handle().ok_or_else(|| anyhow::anyhow!("the datastore has no runtime"))?;
+    let link = super::publish::KubeLink::new(ds.client(), handle, node);
+    Ok((ds, link))
+}
+
 impl Datastore for KubeDatastore {
     fn refresh(&mut self) -> bool {
         let st = self.shared.lock();

@@ -165,6 +165,131 @@ impl Publisher {
     }
 }
 
+/// Allows one action per key per interval: Events about a failure that
+/// repeats every retry (a dataplane that stays away) are posted once a
+/// minute, not at the retry pace.
+#[derive(Debug, Default)]
+pub struct RateLimit {
+    last: BTreeMap<String, std::time::Instant>,
+}
+
+impl RateLimit {
+    /// True (and remembered) when `key` was not allowed within `every`
+    /// before `now`.
+    pub fn allow(
+        &mut self,
+        key: &str,
+        now: std::time::Instant,
+        every: std::time::Duration,
+    ) -> bool {
+        match self.last.get(key) {
+            Some(t) if now.saturating_duration_since(*t) < every => false,
+            _ => {
+                self.last.insert(key.to_string(), now);
+                true
+            }
+        }
+    }
+}
+
+/// What the agent holds on Kubernetes: the client and runtime of the
+/// datastore (for the IPAM store too), and the node publishing state.
+pub struct KubeLink {
+    pub client: Client,
+    pub handle: tokio::runtime::Handle,
+    publisher: Publisher,
+    /// NetworkUnavailable=False sent since the start.
+    up_sent: std::sync::atomic::AtomicBool,
+    /// Failed publications and Events: one attempt per key per interval.
+    limits: std::sync::Mutex<RateLimit>,
+}
+
+/// The pause after a failed publication before the next attempt.
+const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+/// At most one Event per reason in this interval.
+const EVENT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+/// The longest an API call from the agent's threads may take.
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl KubeLink {
+    pub fn new(client: Client, handle: tokio::runtime::Handle, node: &str) -> KubeLink {
+        KubeLink {
+            publisher: Publisher::new(client.clone(), node),
+            client,
+            handle,
+            up_sent: Default::default(),
+            limits: Default::default(),
+        }
+    }
+
+    fn allow(&self, key: &str, every: std::time::Duration) -> bool {
+        let mut l = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+        l.allow(key, std::time::Instant::now(), every)
+    }
+
+    fn block_on<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, PublishError>>,
+    ) -> Result<T, String> {
+        match self.handle.block_on(async { tokio::time::timeout(CALL_TIMEOUT, f).await }) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer from the API server in {CALL_TIMEOUT:?}")),
+        }
+    }
+
+    /// Once the dataplane has applied the overlay: the annotations `node`
+    /// lacks, then NetworkUnavailable=False (once). Blocking, from the
+    /// agent's threads; nothing is sent when everything is in place, and
+    /// a failure is retried at the next call after a pause.
+    pub fn publish_node(&self, node: &model::Node, underlay: (Ipv4Addr, u8)) {
+        let want = node_annotations(node, Some(underlay));
+        let needs_annotations = annotations_patch(node, &want).is_some();
+        let needs_up = !self.up_sent.load(std::sync::atomic::Ordering::Relaxed);
+        if !(needs_annotations || needs_up) || !self.allow("publish", RETRY) {
+            return;
+        }
+        if needs_annotations {
+            match self.block_on(self.publisher.annotate(node, &want)) {
+                Ok(_) => tracing::info!(?want, "node annotations published"),
+                Err(e) => {
+                    tracing::warn!("cannot publish the node's annotations: {e}");
+                    return;
+                }
+            }
+        }
+        if needs_up {
+            let now = rfc3339(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default(),
+            );
+            match self.block_on(self.publisher.network_up(&now)) {
+                Ok(()) => {
+                    self.up_sent.store(true, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!("node condition NetworkUnavailable=False ({UP_REASON})");
+                }
+                Err(e) => tracing::warn!("cannot set NetworkUnavailable=False: {e}"),
+            }
+        }
+    }
+
+    /// A Warning Event regarding the node, at most once a minute per
+    /// reason; sent in the background (never blocks the caller).
+    pub fn warn(&self, reason: &str, note: &str) {
+        if !self.allow(&format!("event:{reason}"), EVENT_EVERY) {
+            return;
+        }
+        let p = self.publisher.clone();
+        let (reason, note) = (reason.to_string(), note.to_string());
+        self.handle.spawn(async move {
+            if let Err(e) = p.warn(&reason, &note).await {
+                tracing::warn!(%reason, "cannot post the Event: {e}");
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +328,17 @@ mod tests {
         assert_eq!(node_annotations(&set, None)[overlay::VTEP_MAC_ANNOTATION], "66:00:00:00:00:09");
         let bad = node("kind: Node\nmetadata: {name: n1, annotations: {ocelot.dev/vxlan-tunnel-mac: 'nope'}}\n");
         assert!(annotations_patch(&bad, &node_annotations(&bad, None)).is_some());
+    }
+
+    #[test]
+    fn rate_limit() {
+        let mut r = RateLimit::default();
+        let t = std::time::Instant::now();
+        let min = std::time::Duration::from_secs(60);
+        assert!(r.allow("a", t, min));
+        assert!(!r.allow("a", t + std::time::Duration::from_secs(59), min));
+        assert!(r.allow("b", t, min), "per key");
+        assert!(r.allow("a", t + min, min));
     }
 
     #[test]
