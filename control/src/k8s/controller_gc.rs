@@ -179,8 +179,10 @@ pub fn plan(
                 frees.entry(b.cidr).or_default().push((*ip, a.handle.clone()));
             } else {
                 out.waiting += 1;
-                next_missing.insert(key, c);
             }
+            // Kept even when freed: if the write loses a race, the next
+            // pass frees it without another grace period.
+            next_missing.insert(key, c);
         }
     }
     mem.missing = next_missing;

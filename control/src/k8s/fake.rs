@@ -145,14 +145,26 @@ impl FakeApi {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Store `obj` at `path` (a collection path, e.g. `/api/v1/nodes`)
-    /// as if created, bypassing faults; returns its resourceVersion.
-    pub fn insert(&self, collection: &str, obj: Value) -> Result<String, String> {
-        let (code, v) = self.serve(&Method::POST, collection, &obj.to_string(), false);
+    /// Create `obj` in `collection` (e.g. `/api/v1/namespaces/default/pods`)
+    /// as another client would, bypassing faults; returns it as stored
+    /// (with its resourceVersion and uid). A `metadata.uid` the object
+    /// carries is kept, so that a test can put back an object it removed,
+    /// as if a list had briefly missed it.
+    pub fn insert(&self, collection: &str, obj: Value) -> Result<Value, String> {
+        let uid = obj["metadata"]["uid"].clone();
+        let (code, mut v) = self.serve(&Method::POST, collection, &obj.to_string(), false);
+        if code < 300 && uid.is_string() {
+            v["metadata"]["uid"] = uid;
+            if let Some(t) = parse_path(collection) {
+                let name = v["metadata"]["name"].as_str().unwrap_or_default().to_string();
+                let key = (t.prefix, t.plural, t.namespace.unwrap_or_default(), name);
+                self.lock().objects.insert(key, v.clone());
+            }
+        }
         if code >= 300 {
             return Err(format!("{code}: {v}"));
         }
-        Ok(v["metadata"]["resourceVersion"].as_str().unwrap_or_default().to_string())
+        Ok(v)
     }
 
     /// Remove an object outright (as another client's delete would).
