@@ -214,6 +214,9 @@ mod netpol;
 #[path = "e2e/xdp.rs"]
 mod xdp;
 
+#[path = "e2e/nat.rs"]
+mod nat;
+
 #[path = "e2e/services.rs"]
 mod services;
 

@@ -46,6 +46,13 @@ pub struct Steering {
     uplink: String,
     uplink_index: u32,
     created_qdisc: bool,
+    /// The host interface's `accept_local` before we set it, to restore.
+    accept_local: Option<(String, String)>,
+}
+
+/// `net.ipv4.conf.<iface>.accept_local` of the calling thread's namespace.
+fn accept_local_path(iface: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/proc/sys/net/ipv4/conf/{iface}/accept_local"))
 }
 
 fn nl(ctx: &str, e: rtnetlink::Error) -> io::Error {
@@ -195,12 +202,22 @@ impl Steering {
                 r
             })
         })?;
+        // Translated packets leave through the host interface with the
+        // node's own address as their source: without accept_local the
+        // kernel drops them as martians before forwarding them out.
+        let path = accept_local_path(host_iface);
+        let old = std::fs::read_to_string(&path).map(|s| s.trim().to_string()).ok();
+        if let Err(e) = std::fs::write(&path, "1") {
+            tracing::warn!(iface = host_iface, "cannot set accept_local: {e}");
+        }
+        let accept_local = old.map(|o| (host_iface.to_string(), o));
         tracing::info!(uplink = %owner.link.name, %addr, filters = filters(addr, snat, node_ports).len(), "steering replies of translated flows into the dataplane");
         Ok(Steering {
             key: (addr, host_iface.to_string(), snat, node_ports.to_vec()),
             uplink: owner.link.name,
             uplink_index: index,
             created_qdisc: created,
+            accept_local,
         })
     }
 
@@ -237,6 +254,9 @@ impl Steering {
                 r
             })
         });
+        if let Some((iface, old)) = &self.accept_local {
+            let _ = std::fs::write(accept_local_path(iface), old);
+        }
         match r {
             Ok(()) => tracing::info!(uplink = %self.uplink, "steering removed"),
             Err(e) => tracing::warn!(uplink = %self.uplink, "cannot remove steering: {e}"),
