@@ -523,8 +523,6 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         tracing::warn!(node = %agent.node, "no Node object with this name in the datastore yet");
     }
     cni::serve(&args.cni_socket, agent.clone())?;
-    // Agent::new returns once the datastore has been read in full.
-    agent.ops.set_datastore_synced(true);
     if !args.metrics_addr.is_empty() {
         let addr: std::net::SocketAddr = args.metrics_addr.parse().map_err(|e| {
             anyhow::anyhow!("--metrics-addr {:?}: {e} (host:port, or '' to disable)", args.metrics_addr)
@@ -546,6 +544,10 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     std::thread::Builder::new().name("ocelot-watch".into()).spawn(move || loop {
         a.ops.tick();
         a.ops.set_dataplane(a.dataplane.connected());
+        {
+            let ds = a.datastore.lock().unwrap_or_else(|e| e.into_inner());
+            a.ops.set_datastore(ds.ready(), ds.last_error());
+        }
         let changed = a.refresh();
         if changed {
             tracing::info!("datastore changed");

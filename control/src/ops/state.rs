@@ -50,6 +50,8 @@ pub struct OpsState {
     /// (`u64::MAX`: never).
     last_tick_ms: AtomicU64,
     datastore_synced: AtomicBool,
+    /// Why the datastore is not current (an API server error), if it is not.
+    datastore_error: Mutex<Option<String>>,
     dataplane_connected: AtomicBool,
     endpoints_synced: AtomicBool,
     sync_errors: Mutex<BTreeMap<&'static str, u64>>,
@@ -70,6 +72,7 @@ impl OpsState {
             started: Instant::now(),
             last_tick_ms: AtomicU64::new(u64::MAX),
             datastore_synced: AtomicBool::new(false),
+            datastore_error: Mutex::new(None),
             dataplane_connected: AtomicBool::new(false),
             endpoints_synced: AtomicBool::new(false),
             sync_errors: Mutex::new(BTreeMap::new()),
@@ -87,6 +90,17 @@ impl OpsState {
     /// or the Kubernetes watchers listed everything once).
     pub fn set_datastore_synced(&self, synced: bool) {
         self.datastore_synced.store(synced, Ordering::Relaxed);
+    }
+
+    /// The datastore's state as the agent's loop sees it: listed in full
+    /// once, and the error keeping it from being current, if any.
+    pub fn set_datastore(&self, synced: bool, error: Option<String>) {
+        self.set_datastore_synced(synced);
+        *self.datastore_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+
+    pub fn datastore_error(&self) -> Option<String> {
+        self.datastore_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The dataplane connection is up (and took the full endpoint `sync`),
@@ -140,7 +154,10 @@ impl OpsState {
             why.push(e);
         }
         if !self.datastore_synced.load(Ordering::Relaxed) {
-            why.push("datastore not synced yet".into());
+            match self.datastore_error() {
+                Some(e) => why.push(format!("datastore not synced yet: {e}")),
+                None => why.push("datastore not synced yet".into()),
+            }
         }
         if !self.dataplane_connected.load(Ordering::Relaxed) {
             why.push("dataplane not reachable".into());
@@ -199,6 +216,12 @@ mod tests {
         assert_eq!(s.readiness(), Ok(()));
         s.set_dataplane(false);
         assert_eq!(s.readiness().unwrap_err(), vec!["dataplane not reachable"]);
+        s.set_datastore(false, Some("pods: 403 Forbidden".into()));
+        s.set_dataplane(true);
+        assert_eq!(
+            s.readiness().unwrap_err(),
+            vec!["datastore not synced yet: pods: 403 Forbidden"]
+        );
     }
 
     #[test]

@@ -287,6 +287,12 @@ pub fn render_table(r: &Report) -> String {
             } else {
                 o += &format!("Agent:      NOT READY: {}\n", a.not_ready.join("; "));
             }
+            if let Some(e) = &a.datastore_error {
+                o += &format!("Datastore:  {e}\n");
+            }
+            if let Some(e) = &a.ipam_error {
+                o += &format!("IPAM:       {e}\n");
+            }
         }
         None => {
             o += &format!(

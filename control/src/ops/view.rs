@@ -46,6 +46,9 @@ pub struct AgentView {
     pub sync_errors: BTreeMap<String, u64>,
     pub policy_calc_count: u64,
     pub policy_calc_last_s: f64,
+    /// Why the datastore is not current (an API server error), if so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datastore_error: Option<String>,
     /// IPAM could not be read (the rest of the view is still given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipam_error: Option<String>,
@@ -161,6 +164,7 @@ pub fn build(src: &dyn Source, ops: &OpsState) -> AgentView {
         endpoints_synced,
         last_loop_s: ops.since_last_tick().map(|d| d.as_secs_f64()),
         sync_errors: ops.sync_errors(),
+        datastore_error: ops.datastore_error(),
         policy_calc_count: calc.count,
         policy_calc_last_s: calc.last,
         ..AgentView::default()
