@@ -52,10 +52,10 @@ use std::time::Duration;
 #[derive(clap::Args, Debug, Clone)]
 pub struct LabRef {
     /// Name of the lab (several can run side by side).
-    #[arg(long, env = "OCELOT_LAB", default_value = "default")]
+    #[arg(long, env = "OCELOT_LAB", default_value = "default", global = true)]
     pub name: String,
     /// Where labs keep their state, datastore, sockets and logs.
-    #[arg(long, env = "OCELOT_LAB_DIR", default_value = "/run/ocelot-lab")]
+    #[arg(long, env = "OCELOT_LAB_DIR", default_value = "/run/ocelot-lab", global = true)]
     pub run_dir: PathBuf,
 }
 
@@ -201,8 +201,17 @@ pub enum ProbeOutput {
     Json,
 }
 
+/// `ocelot lab external` flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ExternalArgs {
+    #[command(flatten)]
+    pub lab: LabRef,
+    #[command(subcommand)]
+    pub cmd: ExternalCmd,
+}
+
 /// `ocelot lab external` subcommands.
-#[derive(clap::Subcommand, Debug)]
+#[derive(clap::Subcommand, Debug, Clone)]
 pub enum ExternalCmd {
     /// Attach a namespace outside the cluster to an underlay subnet (a
     /// client of NodePorts, a server for pods leaving the cluster).
@@ -213,8 +222,6 @@ pub enum ExternalCmd {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ExternalAddArgs {
-    #[command(flatten)]
-    pub lab: LabRef,
     /// Its name (namespace `ocl-<lab>-ext-<name>`; it answers as `external/<name>`).
     #[arg(value_name = "NAME")]
     pub external: String,
@@ -228,8 +235,6 @@ pub struct ExternalAddArgs {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ExternalDeleteArgs {
-    #[command(flatten)]
-    pub lab: LabRef,
     #[arg(value_name = "NAME")]
     pub external: String,
 }
@@ -284,8 +289,7 @@ pub enum LabCmd {
     /// who answered, what was refused, what timed out.
     Connect(ConnectArgs),
     /// Namespaces outside the cluster, on the fabric.
-    #[command(subcommand)]
-    External(ExternalCmd),
+    External(ExternalArgs),
     /// The server run in each pod (internal).
     #[command(hide = true)]
     Serve(serve::ServeArgs),
@@ -309,8 +313,8 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
         LabCmd::Exec(a) => exec(a),
         LabCmd::Probe(a) => probe_cmd(a),
         LabCmd::Connect(a) => connect_cmd(a),
-        LabCmd::External(ExternalCmd::Add(a)) => {
-            let mut lab = Lab::open(&a.lab.run_dir, &a.lab.name)?;
+        LabCmd::External(ExternalArgs { lab: r, cmd: ExternalCmd::Add(a) }) => {
+            let mut lab = Lab::open(&r.run_dir, &r.name)?;
             let ports = a
                 .ports
                 .iter()
@@ -320,8 +324,8 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&e)?);
             Ok(())
         }
-        LabCmd::External(ExternalCmd::Delete(a)) => {
-            Lab::open(&a.lab.run_dir, &a.lab.name)?.remove_external(&a.external)
+        LabCmd::External(ExternalArgs { lab: r, cmd: ExternalCmd::Delete(a) }) => {
+            Lab::open(&r.run_dir, &r.name)?.remove_external(&a.external)
         }
         LabCmd::Serve(a) => serve::run(a),
     }
@@ -852,8 +856,23 @@ mod tests {
             "lab", "external", "add", "outside", "--name", "e2e", "--port", "80", "--subnet", "1",
         ])
         .unwrap();
-        let LabCmd::External(ExternalCmd::Add(e)) = t.cmd else { panic!() };
-        assert_eq!((e.external.as_str(), e.lab.name.as_str(), e.subnet), ("outside", "e2e", 1));
+        let LabCmd::External(ExternalArgs { lab, cmd: ExternalCmd::Add(e) }) = t.cmd else {
+            panic!()
+        };
+        assert_eq!((e.external.as_str(), lab.name.as_str(), e.subnet), ("outside", "e2e", 1));
+        let t = T::try_parse_from([
+            "lab",
+            "external",
+            "--name",
+            "e2e",
+            "--run-dir",
+            "/tmp/x",
+            "add",
+            "outside",
+        ])
+        .unwrap();
+        let LabCmd::External(ExternalArgs { lab, .. }) = t.cmd else { panic!() };
+        assert_eq!(lab.name, "e2e");
         let t = T::try_parse_from([
             "lab",
             "connect",
