@@ -221,3 +221,66 @@ fn changes_wake_subscribers() {
     rx.recv_timeout(WAIT).expect("woken by the change");
     assert!(eventually(WAIT, || h.ds.refresh() && h.ds.cluster().pods.contains_key("web/w")));
 }
+
+#[test]
+fn publishes_the_node_once_and_rate_limits_events() {
+    use ocelot_control::k8s::publish::{KubeLink, IPV4_ADDRESS_ANNOTATION, UP_REASON};
+    let mut h = harness(seeded());
+    assert!(h.ds.wait_ready(WAIT));
+    h.ds.refresh();
+    let link = KubeLink::new(h.ds.client(), h.ds.handle().unwrap(), "node-1");
+    // The fixture's node has its VTEP MAC already; its address is missing.
+    let node = h.ds.cluster().nodes["node-1"].clone();
+    link.publish_node(&node, ("192.0.2.11".parse().unwrap(), 24));
+    let w = h.api.writes();
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert_eq!((w[0].method.as_str(), w[0].path.as_str()), ("PATCH", "/api/v1/nodes/node-1"));
+    assert_eq!(w[0].content_type, "application/merge-patch+json");
+    assert_eq!(
+        w[0].body,
+        json!({"metadata": {"annotations": {IPV4_ADDRESS_ANNOTATION: "192.0.2.11/24"}}}),
+        "only what is missing"
+    );
+    assert_eq!(w[1].path, "/api/v1/nodes/node-1/status");
+    assert_eq!(w[1].content_type, "application/strategic-merge-patch+json");
+    let cond = &w[1].body["status"]["conditions"][0];
+    assert_eq!(cond["type"], "NetworkUnavailable");
+    assert_eq!(cond["status"], "False");
+    assert_eq!(cond["reason"], UP_REASON);
+    // Published: nothing more is sent for the same node.
+    let mut published = node.clone();
+    published.metadata.annotations.insert(IPV4_ADDRESS_ANNOTATION.into(), "192.0.2.11/24".into());
+    link.publish_node(&published, ("192.0.2.11".parse().unwrap(), 24));
+    assert_eq!(h.api.writes().len(), 2);
+    // Events: posted in the background, once per reason per minute.
+    link.warn("IPAMExhausted", "no address for pod web/x: pool exhausted");
+    link.warn("IPAMExhausted", "no address for pod web/y: pool exhausted");
+    assert!(eventually(WAIT, || h.api.writes().len() == 3));
+    std::thread::sleep(Duration::from_millis(100));
+    let w = h.api.writes();
+    assert_eq!(w.len(), 3, "the second is held back: {w:?}");
+    assert_eq!(w[2].method, "POST");
+    assert_eq!(w[2].path, "/apis/events.k8s.io/v1/namespaces/default/events");
+    assert_eq!(w[2].body["reason"], "IPAMExhausted");
+    assert_eq!(w[2].body["type"], "Warning");
+    assert_eq!(w[2].body["regarding"]["kind"], "Node");
+    assert_eq!(w[2].body["regarding"]["name"], "node-1");
+    assert_eq!(w[2].body["reportingController"], "ocelot-agent");
+}
+
+#[test]
+fn publishing_while_the_server_is_down_retries_later() {
+    use ocelot_control::k8s::publish::KubeLink;
+    let mut h = harness(seeded());
+    assert!(h.ds.wait_ready(WAIT));
+    h.ds.refresh();
+    let link = KubeLink::new(h.ds.client(), h.ds.handle().unwrap(), "node-1");
+    let node = h.ds.cluster().nodes["node-1"].clone();
+    h.api.set_down(true);
+    link.publish_node(&node, ("192.0.2.11".parse().unwrap(), 24));
+    assert!(h.api.writes().is_empty());
+    h.api.set_down(false);
+    // Within the pause after a failure nothing is tried.
+    link.publish_node(&node, ("192.0.2.11".parse().unwrap(), 24));
+    assert!(h.api.writes().is_empty());
+}

@@ -232,7 +232,13 @@ fn add(agent: &Agent, req: &CniRequest) -> CniResponse {
         .transact(|st| Ipam { state: st, node: &agent.node }.allocate(&ireq, alloc.clone()))
     {
         Ok(Ok(a)) => a,
-        Ok(Err(e)) => return ipam_err(e),
+        Ok(Err(e)) => {
+            if matches!(e, IpamError::Exhausted | IpamError::NoPool) {
+                let pod = pod_key(req).unwrap_or_else(|| req.container_id.clone());
+                agent.warn_event("IPAMExhausted", &format!("no address for pod {pod}: {e}"));
+            }
+            return ipam_err(e);
+        }
         Err(e) => return err(TRY_AGAIN, format!("IPAM state: {e}")),
     };
     let undo = |msg: String, code: u32| {

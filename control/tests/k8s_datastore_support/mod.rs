@@ -65,8 +65,17 @@ struct Inner {
     down: bool,
     /// Every request: (method, path and query).
     log: Vec<(String, String)>,
-    /// Bodies of PATCH and POST requests: (method, path, body).
-    writes: Vec<(String, String, Value)>,
+    /// PATCH and POST requests.
+    writes: Vec<Write>,
+}
+
+/// A PATCH or POST the server received.
+#[derive(Clone, Debug)]
+pub struct Write {
+    pub method: String,
+    pub path: String,
+    pub content_type: String,
+    pub body: Value,
 }
 
 /// The fake API server; clone freely.
@@ -175,7 +184,18 @@ impl FakeApi {
         }
         if parts.method != http::Method::GET {
             let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-            g.writes.push((parts.method.to_string(), path.clone(), v.clone()));
+            let content_type = parts
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            g.writes.push(Write {
+                method: parts.method.to_string(),
+                path: path.clone(),
+                content_type,
+                body: v.clone(),
+            });
             // Echo what was written: enough for kube's typed responses.
             let mut echo = v;
             if echo.get("metadata").is_none() {
@@ -356,7 +376,7 @@ impl FakeApi {
     }
 
     /// PATCH and POST bodies so far.
-    pub fn writes(&self) -> Vec<(String, String, Value)> {
+    pub fn writes(&self) -> Vec<Write> {
         self.lock().writes.clone()
     }
 
