@@ -65,16 +65,26 @@ fn status(code: u16, reason: &str, plural_group: &str, name: &str, message: &str
 }
 
 fn already_exists(name: &str) -> Value {
-    status(409, "AlreadyExists", "ipamblocks.ocelot.dev", name, &format!(
-        "ipamblocks.ocelot.dev \"{name}\" already exists"
-    ))
+    status(
+        409,
+        "AlreadyExists",
+        "ipamblocks.ocelot.dev",
+        name,
+        &format!("ipamblocks.ocelot.dev \"{name}\" already exists"),
+    )
 }
 
 fn conflict(name: &str) -> Value {
-    status(409, "Conflict", "ipamblocks.ocelot.dev", name, &format!(
+    status(
+        409,
+        "Conflict",
+        "ipamblocks.ocelot.dev",
+        name,
+        &format!(
         "Operation cannot be fulfilled on ipamblocks.ocelot.dev \"{name}\": the object has been \
          modified; please apply your changes to the latest version and try again"
-    ))
+    ),
+    )
 }
 
 /// An IPAMBlock as listed, with `allocs` (address, handle, node).
@@ -138,7 +148,9 @@ async fn a_block_claimed_by_another_node_first_sends_us_to_the_next_block() {
     let req = IpamRequest::Auto { pools: pools("10.65.0.0/16", 26) };
     let task = tokio::spawn(async move {
         store
-            .transact_async(move |st| Ipam { state: st, node: "n2" }.allocate(&req, alloc("n2", "c1")))
+            .transact_async(move |st| {
+                Ipam { state: st, node: "n2" }.allocate(&req, alloc("n2", "c1"))
+            })
             .await
     });
     // Nothing claimed yet: n2 creates the first block...
@@ -153,7 +165,10 @@ async fn a_block_claimed_by_another_node_first_sends_us_to_the_next_block() {
     answer(
         s,
         200,
-        list(vec![block("10-65-0-0-26", "10.65.0.0/26", "n1", 41, &[("10.65.0.0", "x", "n1")])], 41),
+        list(
+            vec![block("10-65-0-0-26", "10.65.0.0/26", "n1", 41, &[("10.65.0.0", "x", "n1")])],
+            41,
+        ),
     );
     // n2 neither borrows from n1's block nor overwrites it: the next block.
     let (body, s) = next(&mut h, Method::POST, BLOCKS).await;
@@ -178,14 +193,19 @@ async fn a_conflicting_replace_is_retried_on_fresh_state() {
     let req = IpamRequest::Auto { pools: pools("10.65.0.0/16", 26) };
     let task = tokio::spawn(async move {
         store
-            .transact_async(move |st| Ipam { state: st, node: "n1" }.allocate(&req, alloc("n1", "c2")))
+            .transact_async(move |st| {
+                Ipam { state: st, node: "n1" }.allocate(&req, alloc("n1", "c2"))
+            })
             .await
     });
     let (_, s) = next(&mut h, Method::GET, BLOCKS).await;
     answer(
         s,
         200,
-        list(vec![block("10-65-0-0-26", "10.65.0.0/26", "n1", 50, &[("10.65.0.0", "c0", "n1")])], 50),
+        list(
+            vec![block("10-65-0-0-26", "10.65.0.0/26", "n1", 50, &[("10.65.0.0", "c0", "n1")])],
+            50,
+        ),
     );
     let (body, s) = next(&mut h, Method::PUT, &format!("{BLOCKS}/10-65-0-0-26")).await;
     assert_eq!(body["metadata"]["resourceVersion"], "50");
@@ -209,7 +229,10 @@ async fn a_conflicting_replace_is_retried_on_fresh_state() {
     );
     let (body, s) = next(&mut h, Method::PUT, &format!("{BLOCKS}/10-65-0-0-26")).await;
     assert_eq!(body["metadata"]["resourceVersion"], "51");
-    assert_eq!(body["spec"]["allocations"]["10.65.0.1"]["handle"], "c1", "the winner's write is kept");
+    assert_eq!(
+        body["spec"]["allocations"]["10.65.0.1"]["handle"], "c1",
+        "the winner's write is kept"
+    );
     assert_eq!(body["spec"]["allocations"]["10.65.0.2"]["handle"], "c2");
     answer(s, 200, stored(body, 52));
     let got = task.await.unwrap().unwrap().unwrap();
@@ -232,7 +255,10 @@ async fn a_conflict_storm_ends_in_a_clear_error_after_bounded_retries() {
         answer(
             s,
             200,
-            list(vec![block("10-65-0-0-26", "10.65.0.0/26", "n1", rv, &[("10.65.0.0", "c0", "n1")])], rv),
+            list(
+                vec![block("10-65-0-0-26", "10.65.0.0/26", "n1", rv, &[("10.65.0.0", "c0", "n1")])],
+                rv,
+            ),
         );
         let (_, s) = next(&mut h, Method::PUT, &format!("{BLOCKS}/10-65-0-0-26")).await;
         answer(s, 409, conflict("10-65-0-0-26"));
@@ -300,8 +326,17 @@ async fn lease_acquire_renew_and_lose() {
     let l = lock.clone();
     let t = tokio::spawn(async move { l.try_acquire_or_renew(ts("2026-11-23T20:00:00Z")).await });
     let (_, s) = next(&mut h, Method::GET, LEASE).await;
-    answer(s, 404, status(404, "NotFound", "leases.coordination.k8s.io", "ocelot-controller",
-        "leases.coordination.k8s.io \"ocelot-controller\" not found"));
+    answer(
+        s,
+        404,
+        status(
+            404,
+            "NotFound",
+            "leases.coordination.k8s.io",
+            "ocelot-controller",
+            "leases.coordination.k8s.io \"ocelot-controller\" not found",
+        ),
+    );
     let (body, s) = next(&mut h, Method::POST, LEASES).await;
     assert_eq!(body["spec"]["holderIdentity"], "ctrl-a");
     assert_eq!(body["spec"]["leaseDurationSeconds"], 15);
@@ -344,7 +379,17 @@ async fn lease_acquire_renew_and_lose() {
     let l = lock.clone();
     let t = tokio::spawn(async move { l.try_acquire_or_renew(ts("2026-11-23T20:03:00Z")).await });
     let (_, s) = next(&mut h, Method::GET, LEASE).await;
-    answer(s, 503, status(503, "ServiceUnavailable", "leases.coordination.k8s.io", "", "etcdserver: leader changed"));
+    answer(
+        s,
+        503,
+        status(
+            503,
+            "ServiceUnavailable",
+            "leases.coordination.k8s.io",
+            "",
+            "etcdserver: leader changed",
+        ),
+    );
     assert!(matches!(t.await.unwrap(), Attempt::Failed(_)));
 }
 
@@ -352,17 +397,18 @@ async fn lease_acquire_renew_and_lose() {
 
 #[test]
 fn concurrent_allocators_never_hand_out_one_address_twice() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
     let fake = FakeApi::new();
     // 4 blocks of 16 for 3 nodes: blocks run out, then nodes borrow.
     let req = IpamRequest::Auto { pools: pools("10.70.0.0/26", 28) };
-    let retry = Retry { attempts: 200, base: Duration::from_millis(1), max: Duration::from_millis(20) };
+    let retry =
+        Retry { attempts: 200, base: Duration::from_millis(1), max: Duration::from_millis(20) };
     let threads: Vec<_> = (0..6)
         .map(|t| {
             let _g = rt.enter();
-            let store: Arc<dyn IpamStore> = Arc::new(
-                KubeStore::new(fake.client(), rt.handle().clone()).with_retry(retry),
-            );
+            let store: Arc<dyn IpamStore> =
+                Arc::new(KubeStore::new(fake.client(), rt.handle().clone()).with_retry(retry));
             let req = req.clone();
             std::thread::spawn(move || {
                 let node = format!("n{}", t % 3);
@@ -371,7 +417,8 @@ fn concurrent_allocators_never_hand_out_one_address_twice() {
                         let handle = format!("c{t}-{i}");
                         store
                             .transact(|st| {
-                                Ipam { state: st, node: &node }.allocate(&req, alloc(&node, &handle))
+                                Ipam { state: st, node: &node }
+                                    .allocate(&req, alloc(&node, &handle))
                             })
                             .unwrap()
                             .unwrap()
@@ -395,9 +442,23 @@ fn concurrent_allocators_never_hand_out_one_address_twice() {
             assert!(seen.insert(ip.clone()), "{ip} in two blocks");
             assert!(a["handle"].as_str().unwrap().starts_with('c'));
         }
-        assert_eq!(b["spec"]["allocated"].as_u64().unwrap() as usize, b["spec"]["allocations"].as_object().unwrap().len());
+        assert_eq!(
+            b["spec"]["allocated"].as_u64().unwrap() as usize,
+            b["spec"]["allocations"].as_object().unwrap().len()
+        );
     }
     assert_eq!(seen.len(), 60);
+    // 20 addresses a node, 4 blocks of 16 for 3 nodes: some node must have
+    // borrowed from another's block, and did so safely.
+    let borrowed: usize = blocks
+        .iter()
+        .map(|b| {
+            let owner = b["spec"]["affinity"].as_str().unwrap().trim_start_matches("host:");
+            let allocs = b["spec"]["allocations"].as_object().unwrap();
+            allocs.values().filter(|a| a["node"] != owner).count()
+        })
+        .sum();
+    assert!(borrowed > 0, "no borrowing happened");
     let affinities = fake.objects(AFFINITIES);
     assert_eq!(affinities.len(), 4, "one affinity per block: {affinities:?}");
     let log = fake.log();
@@ -416,14 +477,23 @@ fn concurrent_allocators_never_hand_out_one_address_twice() {
     assert_eq!(again.ips[0], ips[0]);
     let freed = store.transact(|st| Ipam { state: st, node: "n0" }.release("c0-0")).unwrap();
     assert_eq!(freed, vec![ips[0]]);
-    assert!(store.transact(|st| Ipam { state: st, node: "n0" }.release("c0-0")).unwrap().is_empty());
+    assert!(store
+        .transact(|st| Ipam { state: st, node: "n0" }.release("c0-0"))
+        .unwrap()
+        .is_empty());
 }
 
 #[test]
 fn a_store_write_that_fails_for_other_reasons_is_reported() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let fake = FakeApi::new();
-    fake.inject(Fault { method: Method::POST, path: BLOCKS.into(), code: 403, reason: "Forbidden".into() });
+    fake.inject(Fault {
+        method: Method::POST,
+        path: BLOCKS.into(),
+        code: 403,
+        reason: "Forbidden".into(),
+    });
     let _g = rt.enter();
     let store: Arc<dyn IpamStore> = Arc::new(KubeStore::new(fake.client(), rt.handle().clone()));
     drop(_g);

@@ -101,7 +101,8 @@ async fn gc_frees_only_the_gone_and_never_a_live_pod() {
 
     // Pod a is briefly missing from one list (a list served from a cache
     // behind the pod's creation), then there again, same UID.
-    let pod_a = fake.objects("/api/v1/pods").into_iter().find(|p| p["metadata"]["name"] == "a").unwrap();
+    let pod_a =
+        fake.objects("/api/v1/pods").into_iter().find(|p| p["metadata"]["name"] == "a").unwrap();
     assert!(fake.remove(&format!("{PODS}/a")));
     let r = gc.pass().await;
     assert_eq!((r.freed, r.waiting), (0, 1), "{r:?}");
@@ -126,7 +127,12 @@ async fn gc_frees_only_the_gone_and_never_a_live_pod() {
 
     // A failing Pod list judges nothing, however long it lasts.
     for _ in 0..3 {
-        fake.inject(Fault { method: Method::GET, path: "/api/v1/pods".into(), code: 500, reason: "InternalError".into() });
+        fake.inject(Fault {
+            method: Method::GET,
+            path: "/api/v1/pods".into(),
+            code: 500,
+            reason: "InternalError".into(),
+        });
         let r = gc.pass().await;
         assert_eq!(r.skipped, vec!["Pods".to_string()]);
         assert_eq!(r.freed, 0);
@@ -136,7 +142,12 @@ async fn gc_frees_only_the_gone_and_never_a_live_pod() {
     // A write that races an agent loses and is decided again next pass.
     assert!(fake.remove(&format!("{PODS}/b")));
     gc.pass().await;
-    fake.inject(Fault { method: Method::PUT, path: BLOCKS.into(), code: 409, reason: "Conflict".into() });
+    fake.inject(Fault {
+        method: Method::PUT,
+        path: BLOCKS.into(),
+        code: 409,
+        reason: "Conflict".into(),
+    });
     let r = gc.pass().await;
     assert_eq!((r.freed, r.conflicts), (0, 1), "{r:?}");
     assert!(allocations(&fake).contains_key(&ip_b.to_string()));

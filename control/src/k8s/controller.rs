@@ -153,8 +153,9 @@ impl Gc {
         let nodes: Option<BTreeSet<String>> = list_all(&self.nodes, "Nodes")
             .await
             .map(|v| v.into_iter().filter_map(|n| n.metadata.name).collect());
-        let pods: Option<BTreeMap<String, LivePod>> =
-            list_all(&self.pods, "Pods").await.map(|v| v.into_iter().filter_map(live_pod).collect());
+        let pods: Option<BTreeMap<String, LivePod>> = list_all(&self.pods, "Pods")
+            .await
+            .map(|v| v.into_iter().filter_map(live_pod).collect());
         if nodes.is_none() {
             rep.skipped.push("Nodes".into());
         }
@@ -272,7 +273,11 @@ impl Gc {
         let existing: Vec<(String, String, String)> = list
             .iter()
             .map(|a| {
-                (a.metadata.name.clone().unwrap_or_default(), a.spec.node.clone(), a.spec.cidr.clone())
+                (
+                    a.metadata.name.clone().unwrap_or_default(),
+                    a.spec.node.clone(),
+                    a.spec.cidr.clone(),
+                )
             })
             .collect();
         let (create, delete) = controller_gc::affinity_repairs(state, &existing);
@@ -357,7 +362,8 @@ pub async fn run_with(
             // A new term starts counting grace passes afresh.
             gc = None;
         } else if Instant::now() >= next_pass {
-            let g = gc.get_or_insert_with(|| Gc::new(client.clone(), args.grace_passes, args.dry_run));
+            let g =
+                gc.get_or_insert_with(|| Gc::new(client.clone(), args.grace_passes, args.dry_run));
             let rep = g.pass().await;
             tracing::info!(
                 freed = rep.freed,

@@ -226,11 +226,8 @@ pub fn affinity_repairs(
         })
         .collect();
     let have: BTreeSet<&String> = existing.iter().map(|(name, _, _)| name).collect();
-    let create = want
-        .iter()
-        .filter(|(name, _)| !have.contains(name))
-        .map(|(_, v)| v.clone())
-        .collect();
+    let create =
+        want.iter().filter(|(name, _)| !have.contains(name)).map(|(_, v)| v.clone()).collect();
     let delete = existing
         .iter()
         .filter(|(name, node, cidr)| match want.get(name) {
@@ -266,7 +263,10 @@ mod tests {
                     cidr,
                     pool: "p".into(),
                     affinity: node.map(str::to_string),
-                    allocations: allocs.iter().map(|(ip, a)| (ip.parse().unwrap(), a.clone())).collect(),
+                    allocations: allocs
+                        .iter()
+                        .map(|(ip, a)| (ip.parse().unwrap(), a.clone()))
+                        .collect(),
                     host_local: false,
                 },
             );
@@ -277,7 +277,10 @@ mod tests {
     fn pods(list: &[(&str, Option<&str>, &str)]) -> BTreeMap<String, LivePod> {
         list.iter()
             .map(|(k, uid, node)| {
-                (k.to_string(), LivePod { uid: uid.map(str::to_string), node: Some(node.to_string()) })
+                (
+                    k.to_string(),
+                    LivePod { uid: uid.map(str::to_string), node: Some(node.to_string()) },
+                )
             })
             .collect()
     }
@@ -311,7 +314,10 @@ mod tests {
         // Many more passes never touch the live pod.
         for _ in 0..5 {
             let pl = plan(&mut mem, &st, Some(&p), Some(&n), 2);
-            assert!(pl.blocks.values().all(|c| c.free.iter().all(|(ip, _)| ip.to_string() != "10.0.0.1")));
+            assert!(pl
+                .blocks
+                .values()
+                .all(|c| c.free.iter().all(|(ip, _)| ip.to_string() != "10.0.0.1")));
         }
     }
 
@@ -339,11 +345,14 @@ mod tests {
         let st = state(&[(
             B1,
             Some("n1"),
-            &[("10.0.0.1", alloc("n1", "db/db-0", Some("old"))), ("10.0.0.2", {
-                let mut a = alloc("n1", "db/web-0", None);
-                a.handle = "w/eth0".into();
-                a
-            })],
+            &[
+                ("10.0.0.1", alloc("n1", "db/db-0", Some("old"))),
+                ("10.0.0.2", {
+                    let mut a = alloc("n1", "db/web-0", None);
+                    a.handle = "w/eth0".into();
+                    a
+                }),
+            ],
         )]);
         // db-0 is back with another UID; web-0 is back on another node.
         let p = pods(&[("db/db-0", Some("new"), "n1"), ("db/web-0", None, "n2")]);
@@ -440,9 +449,8 @@ mod tests {
     #[test]
     fn affinity_index_repairs() {
         let st = state(&[(B1, Some("n1"), &[]), ("10.0.0.64/26", None, &[])]);
-        let existing = vec![
-            ("n2-10-0-0-128-26".to_string(), "n2".to_string(), "10.0.0.128/26".to_string()),
-        ];
+        let existing =
+            vec![("n2-10-0-0-128-26".to_string(), "n2".to_string(), "10.0.0.128/26".to_string())];
         let (create, delete) = affinity_repairs(&st, &existing);
         assert_eq!(create, vec![("n1".to_string(), B1.parse().unwrap())]);
         assert_eq!(delete, vec!["n2-10-0-0-128-26".to_string()]);

@@ -167,7 +167,12 @@ pub struct AllocationSpec {
     printcolumn(name = "Affinity", type_ = "string", json_path = ".spec.affinity"),
     printcolumn(name = "Allocated", type_ = "integer", json_path = ".spec.allocated"),
     printcolumn(name = "Pool", type_ = "string", json_path = ".spec.pool"),
-    printcolumn(name = "HostLocal", type_ = "boolean", json_path = ".spec.hostLocal", priority = 1),
+    printcolumn(
+        name = "HostLocal",
+        type_ = "boolean",
+        json_path = ".spec.hostLocal",
+        priority = 1
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]

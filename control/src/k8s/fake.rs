@@ -326,7 +326,9 @@ impl FakeApi {
                 let v = st.objects.remove(&key(name)).unwrap_or(Value::Null);
                 (200, v)
             }
-            _ => status(405, "MethodNotAllowed", format!("{method} is not supported here"), Some(&t)),
+            _ => {
+                status(405, "MethodNotAllowed", format!("{method} is not supported here"), Some(&t))
+            }
         }
     }
 }
@@ -348,7 +350,8 @@ impl tower::Service<Request<Body>> for FakeApi {
             let text = String::from_utf8_lossy(&bytes);
             let (code, v) = me.serve(&parts.method, parts.uri.path(), &text, true);
             let mut resp = Response::new(Body::from(serde_json::to_vec(&v).unwrap_or_default()));
-            *resp.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            *resp.status_mut() =
+                StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             resp.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("application/json"),

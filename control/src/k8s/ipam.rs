@@ -34,8 +34,8 @@
 //! index.
 
 use super::crd::{
-    affinity_name, block_from_spec, block_name, spec_from_block, AffinityState, BlockAffinityObject,
-    BlockAffinitySpec, BlockError, IpamBlockObject,
+    affinity_name, block_from_spec, block_name, spec_from_block, AffinityState,
+    BlockAffinityObject, BlockAffinitySpec, BlockError, IpamBlockObject,
 };
 use crate::ipam::store::IpamStore;
 use crate::ipam::{Block, IpamState};
@@ -513,7 +513,8 @@ mod tests {
 
     #[test]
     fn retry_delays_grow_with_jitter_and_stay_capped() {
-        let r = Retry { attempts: 5, base: Duration::from_millis(10), max: Duration::from_millis(50) };
+        let r =
+            Retry { attempts: 5, base: Duration::from_millis(10), max: Duration::from_millis(50) };
         for _ in 0..50 {
             let d1 = r.delay(1);
             assert!(d1 >= Duration::from_millis(5) && d1 < Duration::from_millis(10), "{d1:?}");
