@@ -88,7 +88,7 @@ pub struct AgentArgs {
     /// probes), /metrics (Prometheus) and /status (`ocelot status`).
     /// An empty value disables them.
     #[arg(long, env = "OCELOT_METRICS_ADDR", default_value = "0.0.0.0:9099")]
-    pub metrics_addr: String,
+    pub metrics_addr: crate::ops::http::ListenAddr,
 }
 
 /// Attribute keys stored with each allocation, to rebuild endpoints.
@@ -523,10 +523,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         tracing::warn!(node = %agent.node, "no Node object with this name in the datastore yet");
     }
     cni::serve(&args.cni_socket, agent.clone())?;
-    if !args.metrics_addr.is_empty() {
-        let addr: std::net::SocketAddr = args.metrics_addr.parse().map_err(|e| {
-            anyhow::anyhow!("--metrics-addr {:?}: {e} (host:port, or '' to disable)", args.metrics_addr)
-        })?;
+    if let Some(addr) = args.metrics_addr.0 {
         let bound = crate::ops::http::serve(addr, agent.ops.clone(), agent.clone())
             .map_err(|e| anyhow::anyhow!("--metrics-addr {addr}: {e}"))?;
         tracing::info!(%bound, "serving /livez /readyz /metrics /status");

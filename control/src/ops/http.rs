@@ -22,6 +22,22 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+/// `--metrics-addr`: `host:port`, or empty for none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenAddr(pub Option<SocketAddr>);
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.trim().is_empty() {
+            return Ok(ListenAddr(None));
+        }
+        s.trim().parse().map(|a| ListenAddr(Some(a))).map_err(|e| {
+            format!("{s:?}: {e} (an IP address and port such as 0.0.0.0:9099, or '' to disable)")
+        })
+    }
+}
+
 /// Ask the dataplane for its counters over a fresh connection.
 pub fn dataplane_counters(socket: &Path) -> DataplaneCounters {
     let mut c = Client::connect(socket, "ocelot-metrics")
@@ -270,6 +286,17 @@ mod tests {
                 });
             }
         });
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!("".parse::<ListenAddr>().unwrap(), ListenAddr(None));
+        assert_eq!(
+            "0.0.0.0:9099".parse::<ListenAddr>().unwrap().0,
+            Some("0.0.0.0:9099".parse().unwrap())
+        );
+        assert!("[::1]:9099".parse::<ListenAddr>().is_ok());
+        assert!("localhost".parse::<ListenAddr>().unwrap_err().contains("or '' to disable"));
     }
 
     /// A real listener on 127.0.0.1 port 0: probes follow the state, the
