@@ -393,6 +393,33 @@ async fn lease_acquire_renew_and_lose() {
     assert!(matches!(t.await.unwrap(), Attempt::Failed(_)));
 }
 
+#[tokio::test]
+async fn a_stopping_leader_releases_the_lease_only_if_it_still_holds_it() {
+    let (client, mut h) = mock();
+    let lock = Arc::new(LeaseLock::new(
+        client,
+        "kube-system",
+        "ocelot-controller",
+        "ctrl-a",
+        Duration::from_secs(15),
+    ));
+    let l = lock.clone();
+    let t = tokio::spawn(async move { l.release().await });
+    let (_, s) = next(&mut h, Method::GET, LEASE).await;
+    answer(s, 200, lease("ctrl-a", "2026-11-23T20:00:00.000000Z", 200));
+    let (body, s) = next(&mut h, Method::PUT, LEASE).await;
+    assert_eq!(body["metadata"]["resourceVersion"], "200");
+    assert!(body["spec"].get("holderIdentity").is_none_or(|v| v.is_null()), "{body}");
+    answer(s, 200, stored(body, 201));
+    assert!(t.await.unwrap());
+    // Someone else's: left alone.
+    let l = lock.clone();
+    let t = tokio::spawn(async move { l.release().await });
+    let (_, s) = next(&mut h, Method::GET, LEASE).await;
+    answer(s, 200, lease("ctrl-b", "2026-11-23T20:00:00.000000Z", 300));
+    assert!(!t.await.unwrap());
+}
+
 // --- Many allocators over one API ------------------------------------------
 
 #[test]

@@ -381,7 +381,11 @@ pub async fn run_with(
             _ = &mut stop => break,
         }
     }
-    tracing::info!("controller stopping");
+    if was_leader && lock.release().await {
+        tracing::info!("controller stopping; Lease released");
+    } else {
+        tracing::info!("controller stopping");
+    }
 }
 
 /// `ocelot controller`: connect to the cluster (in-cluster config or

@@ -238,6 +238,23 @@ impl LeaseLock {
     }
 }
 
+impl LeaseLock {
+    /// Give the Lease up (on shutdown) so another replica takes over at
+    /// once instead of waiting for it to expire: clear the holder, if it is
+    /// still us, with the version read. True when released.
+    pub async fn release(&self) -> bool {
+        let Ok(Some(mut l)) = self.api.get_opt(&self.name).await else { return false };
+        let mut spec = l.spec.clone().unwrap_or_default();
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return false;
+        }
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        l.spec = Some(spec);
+        self.api.replace(&self.name, &PostParams::default(), &l).await.is_ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
