@@ -241,7 +241,9 @@ impl KubeDatastore {
             let mut stream = std::pin::pin!(stream);
             let mut h = WatcherHealth::default();
             while let Some(ev) = stream.next().await {
-                h.failing = None;
+                if ev.is_ok() {
+                    h.failing = None;
+                }
                 match ev {
                     Ok(watcher::Event::InitDone) => {
                         h.listed = true;
@@ -250,7 +252,9 @@ impl KubeDatastore {
                     }
                     Ok(_) => h.events += 1,
                     Err(e) => {
-                        tracing::warn!("watch of this node's pods failed: {e}");
+                        if h.failing.as_deref() != Some(e.to_string().as_str()) {
+                            tracing::warn!("watch of this node's pods failed: {e}");
+                        }
                         h.failing = Some(e.to_string());
                         h.last_error = Some(e.to_string());
                     }

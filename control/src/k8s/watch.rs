@@ -109,7 +109,12 @@ impl<K: ToModel> Reflect<K> {
     /// A watch error: recorded; the state stays as it is (the watcher
     /// retries, with backoff, and relists when its version expired).
     pub fn error(&mut self, err: String) {
-        tracing::warn!(kind = K::KIND, "watch failed, keeping the last state: {err}");
+        // Said once per failure; its retries (every backoff step) quietly.
+        if self.health.failing.as_ref() != Some(&err) {
+            tracing::warn!(kind = K::KIND, "watch failed, keeping the last state: {err}");
+        } else {
+            tracing::debug!(kind = K::KIND, "watch still failing: {err}");
+        }
         self.health.failing = Some(err.clone());
         self.health.last_error = Some(err);
     }
