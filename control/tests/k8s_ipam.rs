@@ -287,6 +287,26 @@ async fn an_invalid_block_object_is_an_error_not_a_guess() {
     assert!(err.to_string().contains("outside the block"), "{err}");
 }
 
+#[tokio::test]
+async fn missing_crds_are_named_as_such() {
+    let (client, mut h) = mock();
+    let store = KubeStore::new(client, tokio::runtime::Handle::current());
+    let task = tokio::spawn(async move { store.load_async().await });
+    let (_, s) = next(&mut h, Method::GET, BLOCKS).await;
+    answer(
+        s,
+        404,
+        json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "the server could not find the requested resource",
+            "reason": "NotFound", "details": {}, "code": 404
+        }),
+    );
+    let err = task.await.unwrap().unwrap_err();
+    assert!(matches!(err, KubeIpamError::NoCrd), "{err:?}");
+    assert!(err.to_string().contains("ocelot crds"), "{err}");
+}
+
 // --- Leader election -------------------------------------------------------
 
 const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/ocelot-controller";

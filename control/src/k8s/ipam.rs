@@ -61,6 +61,12 @@ pub enum KubeIpamError {
          blocks first (last: {last}); the blocks are heavily contended, try again"
     )]
     Contended { attempts: u32, last: String },
+    /// The API server does not know IPAMBlocks.
+    #[error(
+        "the API server has no IPAMBlock resource: install Ocelot's CRDs \
+         (`ocelot crds | kubectl apply -f -`, or manifests/crds.yaml)"
+    )]
+    NoCrd,
     /// The blocking API was called from inside an async task.
     #[error("KubeStore's blocking calls cannot run inside an async task; use the async ones")]
     InsideRuntime,
@@ -217,7 +223,11 @@ impl KubeStore {
 
     /// Every block, by CIDR. An invalid object is an error.
     pub async fn read(&self) -> Result<BTreeMap<Cidr, StoredBlock>, KubeIpamError> {
-        let list = self.blocks.list(&ListParams::default()).await?;
+        let list = match self.blocks.list(&ListParams::default()).await {
+            Ok(l) => l,
+            Err(kube::Error::Api(s)) if s.code == 404 => return Err(KubeIpamError::NoCrd),
+            Err(e) => return Err(e.into()),
+        };
         let mut out = BTreeMap::new();
         for o in list.items {
             let name = o.metadata.name.clone().unwrap_or_default();
