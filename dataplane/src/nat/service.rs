@@ -145,6 +145,8 @@ pub struct Services {
     /// The address natOutgoing translates to: the spec's, else the node's
     /// first (uplink) address; `None`: natOutgoing cannot apply yet.
     pub nat_addr: Option<Ipv4Addr>,
+    /// The cluster-IP ranges (the node routes them to the host port).
+    pub service_cidrs: Vec<Cidr>,
     /// Every address translated flows may leave from (their replies are
     /// steered to the dataplane): `nat_addr` and the node's addresses.
     pub snat_addrs: Vec<Ipv4Addr>,
@@ -187,6 +189,7 @@ impl Services {
         }
         for c in spec.service_cidrs.iter() {
             v4(c.addr, "service CIDR")?;
+            s.service_cidrs.push(c.network());
         }
         let mut names = std::collections::HashSet::new();
         for (si, svc) in spec.services.iter().enumerate() {

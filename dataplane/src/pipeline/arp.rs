@@ -3,7 +3,8 @@
 //! On a pod port, any request for an address other than the pod's own gets
 //! our MAC (the pod routes everything via 169.254.1.1, and proxy-ARP-style
 //! answers keep working if a pod is configured with on-link routes). On the
-//! host port, we answer only for addresses that we route to a pod.
+//! host port, we answer only for addresses that we route to a pod, and for
+//! the service CIDRs the node routes to us (cluster IPs).
 
 use super::{set_macs, Ctx, Verdict, ETH_LEN};
 use crate::counters::DropReason;
@@ -31,11 +32,12 @@ pub(super) fn answer(ctx: &Ctx<'_>, f: &mut Frame) -> Verdict {
     }
     let target = IpAddr::V4(target_protocol_addr);
     let ours = if ctx.in_kind_host {
-        match ctx.tables.route(target) {
+        let routed = match ctx.tables.route(target) {
             Hop::Local(p) => p != ctx.in_port,
             Hop::Remote { .. } => true,
             Hop::None => false,
-        }
+        };
+        routed || ctx.tables.services.service_cidrs.iter().any(|c| c.contains(target))
     } else {
         !ctx.in_ips.contains(&target)
     };

@@ -261,7 +261,9 @@ async fn apply_one(h: &Handle, op: &Op) -> io::Result<()> {
         }
         Op::DelRoute { dst, prefix, dev } => {
             let Some(l) = get_link(h, dev).await? else { return Ok(()) };
-            let msg = route_msg(*dst, *prefix, l.index, None, RouteScope::Universe)?;
+            // Scope "nowhere" matches a route of any scope (as `ip route
+            // del` does); "universe" would miss link-scope routes.
+            let msg = route_msg(*dst, *prefix, l.index, None, RouteScope::NoWhere)?;
             match h.route().del(msg).execute().await {
                 Ok(()) => Ok(()),
                 Err(e) if is_missing(&e) => Ok(()),

@@ -56,8 +56,12 @@ fn serve(pod: &Netns, name: &str, port: u16, dir: &TempDir) -> (Proc, Proc) {
         &format!("socat TCP-LISTEN:{port},fork,reuseaddr SYSTEM:'echo {name}'"),
         &dir.0.join(format!("{name}-tcp.log")),
     );
+    // One socket answering every datagram (socat's forking UDP server
+    // loses datagrams that arrive while it forks).
     let udp = pod.spawn(
-        &format!("socat UDP-LISTEN:{port},fork,reuseaddr SYSTEM:'echo {name}'"),
+        &format!(
+            "/usr/bin/python3 -c \"import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('',{port}))\nwhile True:\n d,a=s.recvfrom(2048)\n s.sendto(b'{name}',a)\""
+        ),
         &dir.0.join(format!("{name}-udp.log")),
     );
     wait_listening(&pod.name, port);
