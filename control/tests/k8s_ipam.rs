@@ -175,7 +175,21 @@ async fn a_block_claimed_by_another_node_first_sends_us_to_the_next_block() {
     assert_eq!(body["metadata"]["name"], "10-65-0-64-26");
     assert_eq!(body["spec"]["allocations"]["10.65.0.64"]["handle"], "c1");
     assert_eq!(body["spec"]["allocated"], 1);
-    answer(s, 201, stored(body, 42));
+    let created = stored(body, 42);
+    answer(s, 201, created.clone());
+    // The claim looks for a block of another size over the same addresses.
+    let (_, s) = next(&mut h, Method::GET, BLOCKS).await;
+    answer(
+        s,
+        200,
+        list(
+            vec![
+                block("10-65-0-0-26", "10.65.0.0/26", "n1", 41, &[("10.65.0.0", "x", "n1")]),
+                created,
+            ],
+            42,
+        ),
+    );
     // Its affinity is indexed after the block.
     let (body, s) = next(&mut h, Method::POST, AFFINITIES).await;
     assert_eq!(body["metadata"]["name"], "n2-10-65-0-64-26");
@@ -285,6 +299,49 @@ async fn an_invalid_block_object_is_an_error_not_a_guess() {
     answer(s, 200, list(vec![b], 5));
     let err = task.await.unwrap().unwrap_err();
     assert!(err.to_string().contains("outside the block"), "{err}");
+}
+
+#[tokio::test]
+async fn a_block_overlapping_another_created_at_once_is_taken_back() {
+    // n1's pool cuts /26 blocks, n2's /28 blocks of the same range (a
+    // misconfiguration): their claims have different names.
+    let (client, mut h) = mock();
+    let store = KubeStore::new(client, tokio::runtime::Handle::current()).with_retry(fast());
+    let req = IpamRequest::Auto { pools: pools("10.90.0.0/24", 28) };
+    let task = tokio::spawn(async move {
+        store
+            .transact_async(move |st| {
+                Ipam { state: st, node: "n2" }.allocate(&req, alloc("n2", "c9"))
+            })
+            .await
+    });
+    let (_, s) = next(&mut h, Method::GET, BLOCKS).await;
+    answer(s, 200, list(vec![], 70));
+    let (body, s) = next(&mut h, Method::POST, BLOCKS).await;
+    assert_eq!(body["metadata"]["name"], "10-90-0-0-28");
+    let ours = stored(body, 72);
+    answer(s, 201, ours.clone());
+    // n1's /26 was created a moment before (rv 71).
+    let theirs = block("10-90-0-0-26", "10.90.0.0/26", "n1", 71, &[("10.90.0.0", "x", "n1")]);
+    let (_, s) = next(&mut h, Method::GET, BLOCKS).await;
+    answer(s, 200, list(vec![theirs.clone(), ours], 72));
+    // n2 takes its block back, guarded by the version it created...
+    let (body, s) = next(&mut h, Method::DELETE, &format!("{BLOCKS}/10-90-0-0-28")).await;
+    assert_eq!(body["preconditions"]["resourceVersion"], "72", "{body}");
+    answer(s, 200, json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}));
+    // ...and retries around n1's block.
+    let (_, s) = next(&mut h, Method::GET, BLOCKS).await;
+    answer(s, 200, list(vec![theirs.clone()], 73));
+    let (body, s) = next(&mut h, Method::POST, BLOCKS).await;
+    assert_eq!(body["metadata"]["name"], "10-90-0-64-28");
+    let ours = stored(body, 74);
+    answer(s, 201, ours.clone());
+    let (_, s) = next(&mut h, Method::GET, BLOCKS).await;
+    answer(s, 200, list(vec![theirs, ours], 74));
+    let (_, s) = next(&mut h, Method::POST, AFFINITIES).await;
+    answer(s, 201, json!({}));
+    let got = task.await.unwrap().unwrap().unwrap();
+    assert_eq!(got.ips, vec!["10.90.0.64".parse::<IpAddr>().unwrap()]);
 }
 
 #[tokio::test]

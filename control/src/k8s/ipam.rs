@@ -61,6 +61,13 @@ pub enum KubeIpamError {
          blocks first (last: {last}); the blocks are heavily contended, try again"
     )]
     Contended { attempts: u32, last: String },
+    /// A block this transaction created overlaps another, and could not be
+    /// taken back.
+    #[error(
+        "IPAMBlock {ours} overlaps IPAMBlock {theirs} (do IP pools overlap?) and could not be \
+         deleted: {why}; delete one of them by hand"
+    )]
+    Overlap { ours: String, theirs: String, why: String },
     /// The API server does not know IPAMBlocks.
     #[error(
         "the API server has no IPAMBlock resource: install Ocelot's CRDs \
@@ -303,7 +310,11 @@ impl KubeStore {
                         spec: spec_from_block(b),
                     };
                     match self.blocks.create(&PostParams::default(), &obj).await {
-                        Ok(_) => {
+                        Ok(created) => {
+                            let rv = created.metadata.resource_version;
+                            if let Some(why) = self.overlap_check(b, &name, rv).await? {
+                                return Ok(Applied::Contended(why));
+                            }
                             self.affinity_created(b).await;
                             Ok(())
                         }
@@ -364,6 +375,48 @@ impl KubeStore {
             r?;
         }
         Ok(Applied::Done)
+    }
+
+    /// After creating `b`: is there another block over the same addresses?
+    /// Claims of one block meet on its name, but blocks of different sizes
+    /// over one range (pools that overlap, with different `blockSize`)
+    /// have different names. If one exists, ours goes (deleted with the
+    /// version we created) and the transaction is retried, seeing the
+    /// other block and avoiding it. Of two overlapping blocks, the later
+    /// creator's check always sees the earlier one (its read follows its
+    /// own create), so one of them backs off; both may, and retry.
+    async fn overlap_check(
+        &self,
+        b: &Block,
+        name: &str,
+        rv: Option<String>,
+    ) -> Result<Option<String>, KubeIpamError> {
+        let stored = self.read().await?;
+        let Some(other) = stored.values().find(|s| {
+            s.name != name
+                && (s.block.cidr.contains(b.cidr.addr) || b.cidr.contains(s.block.cidr.addr))
+        }) else {
+            return Ok(None);
+        };
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions { resource_version: rv, uid: None }),
+            ..Default::default()
+        };
+        match self.blocks.delete(name, &dp).await {
+            Ok(_) => Ok(Some(format!(
+                "IPAMBlock {name} overlaps IPAMBlock {}, created at the same time; do IP pools \
+                 overlap?",
+                other.name
+            ))),
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                Ok(Some(format!("IPAMBlock {name} overlaps IPAMBlock {} and is gone", other.name)))
+            }
+            Err(e) => Err(KubeIpamError::Overlap {
+                ours: name.to_string(),
+                theirs: other.name.clone(),
+                why: describe(&e),
+            }),
+        }
     }
 
     /// Index a block just claimed. Best effort (see the module's doc).
