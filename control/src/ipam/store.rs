@@ -144,3 +144,45 @@ impl FileStore {
         self.read()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipam::{Allocation, Ipam, PoolSpec, Request};
+
+    #[test]
+    fn file_store_through_the_trait() {
+        let dir = std::env::temp_dir().join(format!("ocelot-store-trait-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store: Box<dyn IpamStore> = Box::new(FileStore::open(&dir).unwrap());
+        assert_eq!(store.stamp(), None, "no state written yet");
+        let req = Request::Auto {
+            pools: vec![PoolSpec {
+                name: "p".into(),
+                cidr: "10.1.0.0/24".parse().unwrap(),
+                block_size: 26,
+            }],
+        };
+        let a = Allocation {
+            handle: "c/eth0".into(),
+            node: "n1".into(),
+            pod: "default/a".into(),
+            attrs: Default::default(),
+        };
+        let got = store
+            .transact(|st| Ipam { state: st, node: "n1" }.allocate(&req, a.clone()))
+            .unwrap()
+            .unwrap();
+        let s1 = store.stamp();
+        assert!(s1.is_some());
+        assert_eq!(store.load().unwrap().blocks.len(), 1);
+        // A transaction that changes nothing writes nothing.
+        let again = store
+            .transact(|st| Ipam { state: st, node: "n1" }.allocate(&req, a.clone()))
+            .unwrap()
+            .unwrap();
+        assert!(again.existing && again.ips == got.ips);
+        assert_eq!(store.stamp(), s1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
