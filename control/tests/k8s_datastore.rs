@@ -232,8 +232,8 @@ fn publishes_the_node_once_and_rate_limits_events() {
     // The fixture's node has its VTEP MAC already; its address is missing.
     let node = h.ds.cluster().nodes["node-1"].clone();
     link.publish_node(&node, ("192.0.2.11".parse().unwrap(), 24));
+    assert!(eventually(WAIT, || h.api.writes().len() == 2), "{:?}", h.api.writes());
     let w = h.api.writes();
-    assert_eq!(w.len(), 2, "{w:?}");
     assert_eq!((w[0].method.as_str(), w[0].path.as_str()), ("PATCH", "/api/v1/nodes/node-1"));
     assert_eq!(w[0].content_type, "application/merge-patch+json");
     assert_eq!(
@@ -250,7 +250,9 @@ fn publishes_the_node_once_and_rate_limits_events() {
     // Published: nothing more is sent for the same node.
     let mut published = node.clone();
     published.metadata.annotations.insert(IPV4_ADDRESS_ANNOTATION.into(), "192.0.2.11/24".into());
+    std::thread::sleep(Duration::from_millis(50));
     link.publish_node(&published, ("192.0.2.11".parse().unwrap(), 24));
+    std::thread::sleep(Duration::from_millis(100));
     assert_eq!(h.api.writes().len(), 2);
     // Events: posted in the background, once per reason per minute.
     link.warn("IPAMExhausted", "no address for pod web/x: pool exhausted");
@@ -277,10 +279,15 @@ fn publishing_while_the_server_is_down_retries_later() {
     let link = KubeLink::new(h.ds.client(), h.ds.handle().unwrap(), "node-1");
     let node = h.ds.cluster().nodes["node-1"].clone();
     h.api.set_down(true);
+    let patches = |api: &FakeApi| api.requests("PATCH", &["/api/v1/nodes/node-1"]);
     link.publish_node(&node, ("192.0.2.11".parse().unwrap(), 24));
+    assert!(eventually(WAIT, || patches(&h.api) == 1), "tried once");
     assert!(h.api.writes().is_empty());
     h.api.set_down(false);
     // Within the pause after a failure nothing is tried.
+    std::thread::sleep(Duration::from_millis(50));
     link.publish_node(&node, ("192.0.2.11".parse().unwrap(), 24));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(patches(&h.api), 1);
     assert!(h.api.writes().is_empty());
 }

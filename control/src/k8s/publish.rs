@@ -17,6 +17,8 @@ use kube::{Api, Client};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// The node's underlay address and prefix (`192.0.2.11/24`), as Calico's
 /// `projectcalico.org/IPv4Address`.
@@ -199,7 +201,9 @@ pub struct KubeLink {
     pub handle: tokio::runtime::Handle,
     publisher: Publisher,
     /// NetworkUnavailable=False sent since the start.
-    up_sent: std::sync::atomic::AtomicBool,
+    up_sent: Arc<AtomicBool>,
+    /// A publication is under way.
+    busy: Arc<AtomicBool>,
     /// Failed publications and Events: one attempt per key per interval.
     limits: std::sync::Mutex<RateLimit>,
 }
@@ -208,7 +212,7 @@ pub struct KubeLink {
 const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 /// At most one Event per reason in this interval.
 const EVENT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
-/// The longest an API call from the agent's threads may take.
+/// The longest one publication may take.
 const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl KubeLink {
@@ -218,6 +222,7 @@ impl KubeLink {
             client,
             handle,
             up_sent: Default::default(),
+            busy: Default::default(),
             limits: Default::default(),
         }
     }
@@ -227,51 +232,49 @@ impl KubeLink {
         l.allow(key, std::time::Instant::now(), every)
     }
 
-    fn block_on<T>(
-        &self,
-        f: impl std::future::Future<Output = Result<T, PublishError>>,
-    ) -> Result<T, String> {
-        match self.handle.block_on(async { tokio::time::timeout(CALL_TIMEOUT, f).await }) {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer from the API server in {CALL_TIMEOUT:?}")),
-        }
-    }
-
     /// Once the dataplane has applied the overlay: the annotations `node`
-    /// lacks, then NetworkUnavailable=False (once). Blocking, from the
-    /// agent's threads; nothing is sent when everything is in place, and
-    /// a failure is retried at the next call after a pause.
+    /// lacks, then NetworkUnavailable=False (once). Sent in the background
+    /// (a CNI ADD that reconnects the dataplane never waits for the API
+    /// server); nothing is sent when everything is in place, one
+    /// publication runs at a time, and a failed one is tried again at a
+    /// later call, 5 s on.
     pub fn publish_node(&self, node: &model::Node, underlay: (Ipv4Addr, u8)) {
         let want = node_annotations(node, Some(underlay));
         let needs_annotations = annotations_patch(node, &want).is_some();
-        let needs_up = !self.up_sent.load(std::sync::atomic::Ordering::Relaxed);
-        if !(needs_annotations || needs_up) || !self.allow("publish", RETRY) {
+        let needs_up = !self.up_sent.load(Ordering::Acquire);
+        if !(needs_annotations || needs_up) || self.busy.load(Ordering::Acquire) {
             return;
         }
-        if needs_annotations {
-            match self.block_on(self.publisher.annotate(node, &want)) {
-                Ok(_) => tracing::info!(?want, "node annotations published"),
-                Err(e) => {
-                    tracing::warn!("cannot publish the node's annotations: {e}");
-                    return;
-                }
-            }
+        if !self.allow("publish", RETRY) || self.busy.swap(true, Ordering::AcqRel) {
+            return;
         }
-        if needs_up {
-            let now = rfc3339(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default(),
-            );
-            match self.block_on(self.publisher.network_up(&now)) {
-                Ok(()) => {
-                    self.up_sent.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (p, node, up_sent, busy) =
+            (self.publisher.clone(), node.clone(), self.up_sent.clone(), self.busy.clone());
+        self.handle.spawn(async move {
+            let work = async {
+                if needs_annotations {
+                    p.annotate(&node, &want).await?;
+                    tracing::info!(?want, "node annotations published");
+                }
+                if needs_up {
+                    let now = rfc3339(
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap_or_default(),
+                    );
+                    p.network_up(&now).await?;
+                    up_sent.store(true, Ordering::Release);
                     tracing::info!("node condition NetworkUnavailable=False ({UP_REASON})");
                 }
-                Err(e) => tracing::warn!("cannot set NetworkUnavailable=False: {e}"),
+                Ok::<(), PublishError>(())
+            };
+            match tokio::time::timeout(CALL_TIMEOUT, work).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("cannot publish the node: {e}"),
+                Err(_) => tracing::warn!("cannot publish the node: no answer in {CALL_TIMEOUT:?}"),
             }
-        }
+            busy.store(false, Ordering::Release);
+        });
     }
 
     /// A Warning Event regarding the node, at most once a minute per
