@@ -55,8 +55,10 @@ pub(super) fn forward(ctx: &Ctx<'_>, f: &mut Frame) -> Verdict {
     // remote VTEP's MAC and our own as the source.
     let (out, dst_mac, src_mac, peer) = match t.route(dst) {
         Hop::Local(out) => {
-            // Never send the host's traffic back to the host: it routed it to us.
-            if out == ctx.in_port && ctx.in_kind_host {
+            // Never send the host's traffic back to the host: it routed it to
+            // us. A translated packet (a NodePort reply steered in from the
+            // uplink) has new addresses and cannot loop.
+            if out == ctx.in_port && ctx.in_kind_host && view.is_none() {
                 return Verdict::Drop(DropReason::NoRoute);
             }
             let Some(port) = t.port(out) else {

@@ -210,7 +210,7 @@ fn icmp_error(
     now: u64,
 ) -> Outcome {
     let Some(orig) = fl.nat.peek_reverse(&quoted.reversed(), now) else {
-        return Outcome::Pass;
+        return icmp_error_from_client(fl, f, t, quoted, now);
     };
     // The destination itself answered: it speaks as the frontend.
     let from = if t.src.0 == quoted.dst.0 { orig.dst.0 } else { t.src.0 };
@@ -223,6 +223,32 @@ fn icmp_error(
     f.vnet = Default::default();
     let view = Packet { proto: t.proto, src: (t.src.0, 0), dst: (orig.src.0, 0), flags: 0 };
     let q = Packet { proto: orig.proto, src: orig.src, dst: quoted.dst, flags: 0 };
+    Outcome::Translated(Flow { packet: view, quoted: Some(q) })
+}
+
+/// An ICMP error from the client's side about a reply it got (from the
+/// frontend): it goes to the backend, about the reply as the backend sent
+/// it. Routed from here (with several workers, the backend's side may
+/// belong to another one; its policy then judges the error as new).
+fn icmp_error_from_client(
+    fl: &mut super::FlowState,
+    f: &mut Frame,
+    t: &Tuple,
+    quoted: &Tuple,
+    now: u64,
+) -> Outcome {
+    let Some(to) = fl.nat.peek_forward(&quoted.reversed(), now) else {
+        return Outcome::Pass;
+    };
+    let outer = Tuple { proto: t.proto, src: (to.src.0, 0), dst: (to.dst.0, 0) };
+    let kind = Kind::IcmpError { quoted: *quoted };
+    let ip = &mut f.data_mut()[ETH_LEN..];
+    if !rewrite::rewrite(ip, kind, &outer, false) || !rewrite::rewrite_quoted(ip, &to.reversed()) {
+        return Outcome::Drop(DropReason::NatMalformed);
+    }
+    f.vnet = Default::default();
+    let view = Packet { proto: t.proto, src: (t.src.0, 0), dst: (to.dst.0, 0), flags: 0 };
+    let q = Packet { proto: to.proto, src: to.dst, dst: quoted.dst, flags: 0 };
     Outcome::Translated(Flow { packet: view, quoted: Some(q) })
 }
 

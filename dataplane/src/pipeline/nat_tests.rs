@@ -476,3 +476,81 @@ fn truncated_and_random_frames_to_a_frontend_never_panic() {
         let _ = run(&t, A, &b, &mut flows);
     }
 }
+
+#[test]
+fn node_ports_snat_to_the_node_for_remote_backends_and_keep_the_client_when_local() {
+    let spec = |external_local: bool| {
+        let mut s = service(
+            Proto::Tcp,
+            vec![backend("10.65.0.3"), Backend { local: false, ..backend("10.65.0.9") }],
+        );
+        s.frontends = vec![Frontend {
+            addr: "0.0.0.0".parse().unwrap(),
+            port: 30080,
+            kind: FrontendKind::NodePort,
+        }];
+        s.external_local = external_local;
+        tables(vec![s])
+    };
+    let client = ("203.0.113.5", 50000u16);
+    // Cluster policy: flows that land on the remote backend leave with the
+    // node's address; the reply, steered in, goes back out to the client.
+    let t = spec(false);
+    let mut flows = FlowState::default();
+    let mut remote_seen = false;
+    for sport in 50000..50064u16 {
+        let syn = tcp(MAC_UPLINK, MAC_HOST, (client.0, sport), (NODE, 30080), true);
+        let (v, f) = run(&t, HOST, &syn, &mut flows);
+        assert_eq!(v, Verdict::Tx(B));
+        let (s, sp, d, dp) = l4(&f);
+        assert_eq!(dp, 8080);
+        if d == ip("10.65.0.9") {
+            remote_seen = true;
+            assert_eq!(s, ip(NODE));
+            assert!(t.services.is_snat_port(sp));
+            let r = tcp(MAC_UPLINK, MAC_HOST, ("10.65.0.9", 8080), (NODE, sp), false);
+            let (v, f) = run(&t, HOST, &r, &mut flows);
+            assert_eq!(v, Verdict::Tx(HOST), "back out to the client");
+            assert_eq!(l4(&f), (ip(NODE), 30080, ip(client.0), sport));
+        } else {
+            assert_eq!((s, sp), (ip(client.0), sport), "a local backend sees the client");
+        }
+    }
+    assert!(remote_seen);
+    // Local policy: local backends only, client address kept.
+    let t = spec(true);
+    let mut flows = FlowState::default();
+    for sport in 50000..50032u16 {
+        let syn = tcp(MAC_UPLINK, MAC_HOST, (client.0, sport), (NODE, 30080), true);
+        let (v, f) = run(&t, HOST, &syn, &mut flows);
+        assert_eq!(v, Verdict::Tx(B));
+        assert_eq!(l4(&f), (ip(client.0), sport, ip("10.65.0.3"), 8080));
+    }
+}
+
+#[test]
+fn the_clients_icmp_error_about_a_reply_reaches_the_backend() {
+    let t = tables(vec![service(Proto::Udp, vec![backend("10.65.0.3")])]);
+    let mut flows = FlowState::default();
+    let (v, _) = run(&t, A, &udp(MAC_A, GW, ("10.65.0.2", 5353), (VIP, 80)), &mut flows);
+    assert_eq!(v, Verdict::Tx(B));
+    // The client's kernel refuses the reply it saw from the VIP.
+    let mut quoted = Vec::new();
+    PacketBuilder::ipv4(ip(VIP).octets(), ip("10.65.0.2").octets(), 64)
+        .udp(80, 5353)
+        .write(&mut quoted, b"reply")
+        .unwrap();
+    let mut e = Vec::new();
+    PacketBuilder::ethernet2(MAC_A.0, GW.0)
+        .ipv4(ip("10.65.0.2").octets(), ip(VIP).octets(), 64)
+        .icmpv4_raw(3, 3, [0; 4])
+        .write(&mut e, &quoted)
+        .unwrap();
+    let (v, f) = run(&t, A, &e, &mut flows);
+    assert_eq!(v, Verdict::Tx(B));
+    let d = f.data();
+    assert_eq!(&d[30..34], &ip("10.65.0.3").octets(), "to the backend");
+    assert_eq!(crate::csum::checksum(&d[34..]), 0, "ICMP checksum");
+    assert_eq!(&d[34 + 8 + 12..34 + 8 + 16], &ip("10.65.0.3").octets(), "quoted source");
+    assert_eq!(&d[34 + 8 + 20..34 + 8 + 22], &8080u16.to_be_bytes(), "quoted port");
+}
