@@ -70,6 +70,12 @@ enum Cmd {
     /// ipset, plus both paths without rules; connect p50/p99 and the ratios.
     /// A path that fails is reported and the others are measured anyway.
     ConnRate(ConnRateArgs),
+    /// New TCP connections per second and connect latency from a pod to a
+    /// ClusterIP with N Services installed (--counts, default 10 and
+    /// 5000), through Ocelot's dataplane and through the iptables rules
+    /// kube-proxy writes (KUBE-SERVICES -> KUBE-SVC statistic -> KUBE-SEP
+    /// DNAT), in one run, with the ratios.
+    Services(ServicesArgs),
     CniAdd {
         /// Pods to attach.
         #[arg(long, default_value_t = 100)]
@@ -214,6 +220,40 @@ struct ConnRateArgs {
     dp_args: String,
 }
 
+#[derive(Args)]
+struct ServicesArgs {
+    /// Numbers of Services, one measurement each.
+    #[arg(long, value_delimiter = ',', default_value = "10,5000")]
+    counts: Vec<usize>,
+    /// Seconds of connect/close loop per path.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=3600))]
+    duration: u32,
+    /// Seconds of loop before each measurement, not counted.
+    #[arg(long, default_value_t = 1)]
+    warmup: u32,
+    /// Concurrent connect/close loops in the client pod.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
+    parallel: u64,
+    /// The server pod's first TCP port (it serves the next one too).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// IP pool routed to the Ocelot dataplane.
+    #[arg(long, default_value = "10.66.0.0/16")]
+    pool: String,
+    /// The node's own address.
+    #[arg(long, default_value = "192.0.2.10")]
+    node_ip: String,
+    /// Address of the client pod.
+    #[arg(long, default_value = "10.66.0.2")]
+    client_ip: std::net::Ipv4Addr,
+    /// Address of the server pod.
+    #[arg(long, default_value = "10.66.0.3")]
+    server_ip: std::net::Ipv4Addr,
+    /// Extra flags for `ocelot-dataplane run`.
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    dp_args: String,
+}
+
 /// The paths of `--paths`, in column order.
 #[derive(Clone, Debug)]
 struct PathSet(Vec<PathId>);
@@ -276,7 +316,7 @@ fn run(cli: &Cli) -> Result<()> {
     let bin_dir = match &cli.cmd {
         Cmd::CrossNode(_) => preflight(&[&TOOLS[..], &["bridge"]].concat())?,
         Cmd::PolicyUpdate(_) => preflight(&["ip", "bridge"])?,
-        Cmd::ConnRate(_) => {
+        Cmd::ConnRate(_) | Cmd::Services(_) => {
             // ipset is checked when its path runs: missing, that path fails.
             let d = preflight(&["ip", "ping", "iptables-restore"])?;
             need_dataplane(&d)?;
@@ -325,6 +365,21 @@ fn run(cli: &Cli) -> Result<()> {
                 pool: a.pool.clone(),
                 block_size: a.block_size,
                 bin_dir,
+            },
+            &progress,
+        )?,
+        Cmd::Services(a) => scenario::services::run(
+            &scenario::services::ServicesParams {
+                counts: a.counts.clone(),
+                duration: a.duration,
+                warmup: a.warmup,
+                parallel: a.parallel as usize,
+                port: a.port,
+                pool: a.pool.clone(),
+                node_ip: a.node_ip.clone(),
+                client_ip: a.client_ip,
+                server_ip: a.server_ip,
+                dp_args: a.dp_args.clone(),
             },
             &progress,
         )?,

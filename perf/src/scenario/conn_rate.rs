@@ -156,7 +156,7 @@ const IPTABLES_EMPTY: &str =
     "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n";
 
 /// Run `prog args` inside network namespace `ns` with `input` on stdin.
-fn run_with_input(ns: &str, prog: &str, args: &[&str], input: &str) -> Result<()> {
+pub(crate) fn run_with_input(ns: &str, prog: &str, args: &[&str], input: &str) -> Result<()> {
     let mut child = Command::new("ip")
         .args(["netns", "exec", ns, prog])
         .args(args)
@@ -189,7 +189,7 @@ fn endpoint_of(socket: &Path, ip: Ipv4Addr) -> Result<String> {
 }
 
 /// An accept-and-close loop in a pod's namespace, stopped when dropped.
-struct Server {
+pub(crate) struct Server {
     netns: Arc<File>,
     port: u16,
     stop: Arc<AtomicBool>,
@@ -197,7 +197,7 @@ struct Server {
 }
 
 impl Server {
-    fn start(netns: &Path, port: u16) -> Result<Server> {
+    pub(crate) fn start(netns: &Path, port: u16) -> Result<Server> {
         let netns = Arc::new(File::open(netns).with_context(|| format!("{}", netns.display()))?);
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -256,7 +256,7 @@ pub struct LoopResult {
 
 /// `parallel` threads in namespace `netns` connect to `to` and close,
 /// for `secs` seconds.
-fn connect_loop(netns: &Path, to: SocketAddr, parallel: usize, secs: f64) -> Result<LoopResult> {
+pub(crate) fn connect_loop(netns: &Path, to: SocketAddr, parallel: usize, secs: f64) -> Result<LoopResult> {
     let ns = Arc::new(File::open(netns)?);
     let until = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
@@ -390,7 +390,7 @@ fn measure(
 }
 
 /// Measure a path, or record its failure and go on (interrupts stop).
-fn attempt(
+pub(crate) fn attempt(
     report: &mut Report,
     path: &str,
     progress: &dyn Fn(&str),

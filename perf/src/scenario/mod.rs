@@ -8,6 +8,7 @@ pub mod conn_rate;
 pub mod cross_node;
 pub mod policy_update;
 pub mod same_node;
+pub mod services;
 
 use crate::interrupt;
 use crate::procfs::{self, CpuMeter};
