@@ -67,7 +67,7 @@ fn handle(stream: UnixStream, engine: &Mutex<Engine>) -> io::Result<()> {
                 id: None,
                 outcome: Outcome::Error(ApiError::new(
                     ErrorCode::BadRequest,
-                    "request longer than 1 MiB",
+                    format!("request longer than {} MiB", MAX_LINE >> 20),
                 )),
             };
             write_response(&mut out, &r)?;
