@@ -345,6 +345,45 @@ async fn a_block_overlapping_another_created_at_once_is_taken_back() {
 }
 
 #[tokio::test]
+async fn stamps_follow_a_watch_instead_of_listing() {
+    let (client, mut h) = mock();
+    let store = KubeStore::new(client, tokio::runtime::Handle::current()).with_change_watch();
+    // The watch's initial list.
+    let (req, send) = h.next_request().await.unwrap();
+    assert_eq!(req.uri().path(), BLOCKS);
+    assert!(!req.uri().query().unwrap_or("").contains("watch"), "{}", req.uri());
+    answer(send, 200, list(vec![block("10-65-0-0-26", "10.65.0.0/26", "n1", 80, &[])], 80));
+    // Then the watch itself.
+    let (req, send) = h.next_request().await.unwrap();
+    assert!(req.uri().query().unwrap_or("").contains("watch=true"), "{}", req.uri());
+    let before = wait_for_stamp(&store, |_| true).await;
+    assert!(before.starts_with("watch:"), "{before}");
+    // Another node claims a block: one event, a new stamp, no list.
+    let ev = json!({
+        "type": "ADDED",
+        "object": block("10-65-0-64-26", "10.65.0.64/26", "n2", 81, &[]),
+    });
+    let mut line = serde_json::to_vec(&ev).unwrap();
+    line.push(b'\n');
+    send.send_response(Response::builder().status(200).body(Body::from(line)).unwrap());
+    let after = wait_for_stamp(&store, |s| s != before).await;
+    assert_ne!(after, before);
+}
+
+/// Poll `stamp` until `ok` accepts it (a watch runs in the background).
+async fn wait_for_stamp(store: &KubeStore, ok: impl Fn(&str) -> bool) -> String {
+    for _ in 0..200 {
+        if let Some(s) = IpamStore::stamp(store) {
+            if ok(&s) {
+                return s;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the stamp never changed as expected");
+}
+
+#[tokio::test]
 async fn missing_crds_are_named_as_such() {
     let (client, mut h) = mock();
     let store = KubeStore::new(client, tokio::runtime::Handle::current());

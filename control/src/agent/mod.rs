@@ -139,11 +139,13 @@ impl Agent {
                 (Box::new(ds), Some(link))
             }
         };
-        // On Kubernetes, IPAM state is IPAMBlocks, through the datastore's client.
+        // On Kubernetes, IPAM state is IPAMBlocks, through the datastore's
+        // client; a watch on them makes `ipam_changed` free.
         let ipam: Arc<dyn IpamStore> = match &kube {
-            Some(k) => {
-                Arc::new(crate::k8s::ipam::KubeStore::new(k.client.clone(), k.handle.clone()))
-            }
+            Some(k) => Arc::new(
+                crate::k8s::ipam::KubeStore::new(k.client.clone(), k.handle.clone())
+                    .with_change_watch(),
+            ),
             None => Arc::new(FileStore::open(&args.datastore.join(".ipam"))?),
         };
         Ok(Agent {

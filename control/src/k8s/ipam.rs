@@ -43,7 +43,8 @@ use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams, Precondit
 use ocelot_dataplane::api::Cidr;
 use std::collections::BTreeMap;
 use std::io;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Why a Kubernetes IPAM transaction failed.
@@ -205,6 +206,10 @@ pub struct KubeStore {
     retry: Retry,
     /// The last stamp and when it was taken (stamps are rate-limited).
     stamp: Mutex<Option<(Instant, String)>>,
+    /// Events seen by the change watch ([`KubeStore::with_change_watch`]).
+    changes: Arc<AtomicU64>,
+    /// True while the change watch is healthy: stamps then cost nothing.
+    watching: Arc<AtomicBool>,
 }
 
 /// How long a stamp is reused before the blocks are listed again.
@@ -219,7 +224,38 @@ impl KubeStore {
             rt,
             retry: Retry::default(),
             stamp: Mutex::new(None),
+            changes: Arc::new(AtomicU64::new(0)),
+            watching: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// The same store keeping a watch on IPAMBlocks (one connection), so
+    /// that [`IpamStore::stamp`] — which the agent asks several times a
+    /// second — counts watch events instead of listing every block. While
+    /// the watch is down (it reconnects with backoff), stamps list again,
+    /// at most once a second.
+    pub fn with_change_watch(self) -> KubeStore {
+        use futures::StreamExt as _;
+        use kube::runtime::{watcher, WatchStreamExt as _};
+        let api = self.blocks.clone();
+        let (changes, watching) = (self.changes.clone(), self.watching.clone());
+        self.rt.spawn(async move {
+            let mut events =
+                std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
+            while let Some(ev) = events.next().await {
+                match ev {
+                    Ok(watcher::Event::InitDone) => watching.store(true, Ordering::SeqCst),
+                    Ok(_) => {}
+                    Err(e) => {
+                        if watching.swap(false, Ordering::SeqCst) {
+                            tracing::warn!("IPAMBlock watch: {e}; listing until it is back");
+                        }
+                    }
+                }
+                changes.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        self
     }
 
     /// The same store with another retry policy.
@@ -480,6 +516,9 @@ impl IpamStore for KubeStore {
     }
 
     fn stamp(&self) -> Option<String> {
+        if self.watching.load(Ordering::SeqCst) {
+            return Some(format!("watch:{}", self.changes.load(Ordering::SeqCst)));
+        }
         let mut g = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((at, s)) = g.as_ref() {
             if at.elapsed() < STAMP_TTL {
