@@ -173,6 +173,25 @@ pub fn install(a: &InstallCniArgs) -> anyhow::Result<Vec<Outcome>> {
     Ok(done)
 }
 
+/// The network configurations in `dir` that the container runtime reads
+/// before `ours` (it takes the first in lexical order): another network
+/// plugin's, or the runtime's own default, would win over Ocelot.
+pub fn shadowing_configs(dir: &Path, ours: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| {
+            !n.starts_with('.')
+                && [".conf", ".conflist", ".json"].iter().any(|x| n.ends_with(x))
+                && n.as_str() < ours
+        })
+        .collect();
+    v.sort();
+    v
+}
+
 /// The subcommand: install, and say what changed.
 pub fn run(a: InstallCniArgs) -> anyhow::Result<()> {
     for o in install(&a)? {
@@ -180,6 +199,16 @@ pub fn run(a: InstallCniArgs) -> anyhow::Result<()> {
             Outcome::Written(p) => println!("installed {}", p.display()),
             Outcome::Unchanged(p) => println!("unchanged {}", p.display()),
         }
+    }
+    let before = shadowing_configs(&a.cni_conf_dir, &a.conf_name);
+    if !before.is_empty() {
+        eprintln!(
+            "warning: the container runtime reads {} in {} before {}: pods would not use \
+             Ocelot until they are removed (or --conf-name sorts first, e.g. 00-ocelot.conflist)",
+            before.join(", "),
+            a.cni_conf_dir.display(),
+            a.conf_name
+        );
     }
     Ok(())
 }
@@ -252,6 +281,13 @@ mod tests {
         )
         .unwrap();
         assert!(list["plugins"][0].get("mtu").is_none(), "mtu 0 is left to the agent");
+        assert!(shadowing_configs(&root.join("net.d"), "10-ocelot.conflist").is_empty());
+        std::fs::write(root.join("net.d/10-containerd-net.conflist"), "{}").unwrap();
+        std::fs::write(root.join("net.d/99-loopback.conf"), "{}").unwrap();
+        assert_eq!(
+            shadowing_configs(&root.join("net.d"), "10-ocelot.conflist"),
+            ["10-containerd-net.conflist"]
+        );
         std::fs::remove_dir_all(&root).unwrap();
     }
 

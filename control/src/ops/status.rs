@@ -108,6 +108,31 @@ pub struct Peer {
     /// packets per encapsulation, not per peer, so this is `unknown` for
     /// one peer — with the totals in `tunnels`.
     pub tunnel: String,
+    /// The kernel's view of the way to the peer's underlay address: the
+    /// next hop and its neighbour (ARP) state — `reachable` means it
+    /// answered recently, `stale` that it did once, `unresolved` that it
+    /// does not answer. Says the underlay works, not the tunnel.
+    pub next_hop: String,
+}
+
+/// The next hop toward `ip` and its ARP state, from the kernel of the
+/// namespace `ocelot status` runs in (the node's).
+fn next_hop(nl: &ocelot_dataplane::sys::netlink::Session, ip: std::net::Ipv4Addr) -> String {
+    use ocelot_dataplane::sys::netlink::{neighbour, route_to, NeighState};
+    let (gw, oif) = match nl.run(|h| route_to(h, ip)) {
+        Ok(Some(r)) => r,
+        Ok(None) => return "no route".into(),
+        Err(e) => return format!("unknown ({e})"),
+    };
+    let hop = gw.unwrap_or(ip);
+    let via = if gw.is_some() { format!("gateway {hop}") } else { format!("{hop} on-link") };
+    match nl.run(|h| neighbour(h, oif, hop)) {
+        Ok(Some((NeighState::Valid, _))) => format!("{via}: reachable"),
+        Ok(Some((NeighState::Stale, _))) => format!("{via}: stale"),
+        Ok(Some((NeighState::Unresolved, _))) => format!("{via}: unresolved"),
+        Ok(None) => format!("{via}: no ARP entry"),
+        Err(e) => format!("{via}: unknown ({e})"),
+    }
 }
 
 fn encap_name<T: Serialize>(e: &T) -> String {
@@ -203,6 +228,7 @@ fn peers(dp: &DataplaneReport, agent: Option<&AgentView>) -> Vec<Peer> {
             .unwrap_or_default()
     };
     let rx: u64 = dp.tunnels.iter().map(|t| t.rx_packets).sum();
+    let nl = ocelot_dataplane::sys::netlink::Session::new().ok();
     nodes
         .into_iter()
         .map(|(name, address)| {
@@ -220,7 +246,12 @@ fn peers(dp: &DataplaneReport, agent: Option<&AgentView>) -> Vec<Peer> {
             } else {
                 "unknown: tunnel packets are counted per encapsulation, not per peer".to_string()
             };
-            Peer { name, address, encap, routes: routes.len(), tunnel }
+            let next_hop = match (&nl, address.parse()) {
+                (Some(nl), Ok(ip)) => next_hop(nl, ip),
+                (None, _) => "unknown (no netlink)".into(),
+                (_, Err(_)) => "unknown (no IPv4 address)".into(),
+            };
+            Peer { name, address, encap, routes: routes.len(), tunnel, next_hop }
         })
         .collect()
 }
@@ -328,11 +359,12 @@ pub fn render_table(r: &Report) -> String {
                     p.address.clone(),
                     p.encap.clone(),
                     p.routes.to_string(),
+                    p.next_hop.clone(),
                     p.tunnel.clone(),
                 ]
             })
             .collect();
-        table(&mut o, &["NAME", "ADDRESS", "ENCAP", "ROUTES", "TUNNEL"], &rows);
+        table(&mut o, &["NAME", "ADDRESS", "ENCAP", "ROUTES", "NEXT HOP", "TUNNEL"], &rows);
     }
     if !d.tunnels.is_empty() {
         let t: Vec<String> = d

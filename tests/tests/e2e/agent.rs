@@ -432,6 +432,9 @@ fn status_on_an_overlay_lab_lists_the_peer() {
     assert_eq!(peer["encap"], "vxlan", "{r}");
     assert!(peer["routes"].as_u64().unwrap() >= 1, "{r}");
     assert!(peer["tunnel"].as_str().unwrap().starts_with("unknown"), "{r}");
+    // The VXLAN packets just sent made the kernel resolve node-2's address.
+    let hop = peer["next_hop"].as_str().unwrap();
+    assert!(hop.ends_with("on-link: reachable") || hop.ends_with("on-link: stale"), "{r}");
     assert!(
         r["dataplane"]["tunnels"]
             .as_array()
