@@ -97,6 +97,15 @@ impl Maglev {
         Maglev { slots: slots.into_boxed_slice() }
     }
 
+    /// Rename every slot's backend through `f` (a set's member index to
+    /// the service's backend index), so a lookup needs no second table.
+    pub fn map(mut self, f: impl Fn(u32) -> u32) -> Maglev {
+        for s in self.slots.iter_mut() {
+            *s = f(*s);
+        }
+        self
+    }
+
     /// The backend index for a flow hash.
     #[inline]
     pub fn pick(&self, flow_hash: u64) -> u32 {
