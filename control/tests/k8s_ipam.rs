@@ -384,6 +384,55 @@ async fn wait_for_stamp(store: &KubeStore, ok: impl Fn(&str) -> bool) -> String 
 }
 
 #[tokio::test]
+async fn a_request_for_two_blocks_cut_short_by_a_conflict_completes_on_retry() {
+    // The ocelot.dev/ip-addrs annotation asks for addresses in two blocks:
+    // two writes, not one transaction. The second loses a race; the retry
+    // finds the first address held and takes the second, not stopping short.
+    let (client, mut h) = mock();
+    let store = KubeStore::new(client, tokio::runtime::Handle::current()).with_retry(fast());
+    let want: Vec<IpAddr> = vec!["10.65.0.5".parse().unwrap(), "10.65.0.70".parse().unwrap()];
+    let req = IpamRequest::Specific { ips: want.clone(), pools: pools("10.65.0.0/16", 26) };
+    let task = tokio::spawn(async move {
+        store
+            .transact_async(move |st| {
+                Ipam { state: st, node: "n1" }.allocate(&req, alloc("n1", "multi"))
+            })
+            .await
+    });
+    let b0 =
+        |rv, allocs: &[(&str, &str, &str)]| block("10-65-0-0-26", "10.65.0.0/26", "n1", rv, allocs);
+    let (_, s) = next(&mut h, Method::GET, BLOCKS).await;
+    answer(s, 200, list(vec![b0(90, &[])], 90));
+    let (body, s) = next(&mut h, Method::PUT, &format!("{BLOCKS}/10-65-0-0-26")).await;
+    assert_eq!(body["spec"]["allocations"]["10.65.0.5"]["handle"], "multi");
+    answer(s, 200, stored(body, 91));
+    let (body, s) = next(&mut h, Method::POST, BLOCKS).await;
+    assert_eq!(body["metadata"]["name"], "10-65-0-64-26");
+    answer(s, 409, already_exists("10-65-0-64-26"));
+    // Retry: the first write stands; n2 now holds the second block.
+    let (_, s) = next(&mut h, Method::GET, BLOCKS).await;
+    answer(
+        s,
+        200,
+        list(
+            vec![
+                b0(91, &[("10.65.0.5", "multi", "n1")]),
+                block("10-65-0-64-26", "10.65.0.64/26", "n2", 92, &[]),
+            ],
+            92,
+        ),
+    );
+    let (body, s) = next(&mut h, Method::PUT, &format!("{BLOCKS}/10-65-0-64-26")).await;
+    assert_eq!(body["metadata"]["resourceVersion"], "92");
+    assert_eq!(body["spec"]["affinity"], "host:n2", "borrowed, not taken over");
+    assert_eq!(body["spec"]["allocations"]["10.65.0.70"]["handle"], "multi");
+    answer(s, 200, stored(body, 93));
+    let got = task.await.unwrap().unwrap().unwrap();
+    assert_eq!(got.ips, want);
+    assert_eq!(got.borrowed, vec![want[1]]);
+}
+
+#[tokio::test]
 async fn missing_crds_are_named_as_such() {
     let (client, mut h) = mock();
     let store = KubeStore::new(client, tokio::runtime::Handle::current());

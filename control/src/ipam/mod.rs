@@ -140,6 +140,17 @@ impl Ipam<'_> {
     pub fn allocate(&mut self, req: &Request, alloc: Allocation) -> Result<Allocated, IpamError> {
         let held = self.find(&alloc.handle);
         if !held.is_empty() {
+            // A request for addresses in several blocks that an optimistic
+            // store (Kubernetes: one block per write) applied in part before
+            // a conflict: its rerun completes it rather than stopping short.
+            if let Request::Specific { ips, pools } = req {
+                let rest: Vec<IpAddr> =
+                    ips.iter().filter(|ip| !held.contains(ip)).copied().collect();
+                if !rest.is_empty() && held.iter().all(|h| ips.contains(h)) {
+                    let done = self.specific(&rest, pools, alloc)?;
+                    return Ok(Allocated { ips: ips.clone(), ..done });
+                }
+            }
             return Ok(Allocated { ips: held, existing: true, borrowed: Vec::new() });
         }
         match req {

@@ -20,7 +20,9 @@
 //! if new; a release frees a handle's address, in one block) except an
 //! explicit request for several addresses in different blocks, which may be
 //! half-written when a conflict stops it: its retry then sees the handle
-//! already holding the first part and returns that (see `Ipam::allocate`).
+//! holding the first part and takes the rest (`Ipam::allocate`); if the rest
+//! is gone meanwhile, the request fails and the CNI ADD's undo releases the
+//! handle, first part included.
 //! Retrying is safe because allocation is by handle and idempotent: a run
 //! that follows a partly applied one finds the handle's address and
 //! returns it instead of taking another, and a release of an already freed
