@@ -392,6 +392,40 @@ fn the_manifests_use_only_flags_and_keys_that_exist() {
         }
     }
     assert!(checked >= 4, "only {checked} flags checked");
+
+    // The dataplane's command line, against `ocelot-dataplane run --help`
+    // (built beside `ocelot` by `cargo build --workspace --bins`).
+    let ds = find(&docs, "DaemonSet", "ocelot-node");
+    let dp = container(&ds["spec"]["template"]["spec"], "containers", "dataplane");
+    let cmd = dp["command"].as_array().unwrap().last().unwrap().as_str().unwrap().to_string();
+    let bin = Path::new(env!("CARGO_BIN_EXE_ocelot")).with_file_name("ocelot-dataplane");
+    if !bin.exists() {
+        eprintln!("note: {} not built; the dataplane's flags are not checked", bin.display());
+        return;
+    }
+    let help =
+        Command::new(&bin).args(["run", "--help"]).output().expect("ocelot-dataplane --help");
+    let help = String::from_utf8_lossy(&help.stdout).to_string();
+    let flags: Vec<&str> = cmd
+        .split_whitespace()
+        .map(|w| w.trim_start_matches("${OCELOT_DATAPLANE_CORES:+"))
+        .filter(|w| w.starts_with("--"))
+        .collect();
+    assert!(flags.contains(&"--cores"), "{cmd}");
+    for f in flags {
+        assert!(
+            help.contains(&format!("{f} <")),
+            "the dataplane is given {f}, which `run` does not take"
+        );
+    }
+    let probe = dp["livenessProbe"]["exec"]["command"].as_array().unwrap();
+    assert_eq!(probe[0], "ocelot-dataplane");
+    let out = Command::new(&bin).arg(probe[1].as_str().unwrap()).arg("--help").output().unwrap();
+    assert!(
+        out.status.success(),
+        "the dataplane's liveness probe runs `{}`, which does not exist",
+        probe[1]
+    );
 }
 
 #[test]

@@ -287,7 +287,7 @@ pub fn render(view: &AgentView, ops: &OpsState, dp: &DataplaneCounters) -> Strin
             e.sample(&[("reason", reason), ("description", desc)], 1.0);
         }
         type WorkerField = fn(&WorkerCounters) -> u64;
-        let worker_families: [(&str, Kind, &str, WorkerField); 6] = [
+        let worker_families: [(&str, Kind, &str, WorkerField); 8] = [
             (
                 "ocelot_dataplane_conntrack_entries",
                 Kind::Gauge,
@@ -299,6 +299,18 @@ pub fn render(view: &AgentView, ops: &OpsState, dp: &DataplaneCounters) -> Strin
                 Kind::Counter,
                 "New flows refused because the worker's connection-tracking table was full.",
                 |w| w.ct_refused,
+            ),
+            (
+                "ocelot_dataplane_nat_entries",
+                Kind::Gauge,
+                "Translated flows (Service DNAT, natOutgoing SNAT) in use, per worker, each direction counted.",
+                |w| w.nat_entries,
+            ),
+            (
+                "ocelot_dataplane_snat_ports",
+                Kind::Gauge,
+                "Source ports allocated for natOutgoing, per worker.",
+                |w| w.snat_ports,
             ),
             (
                 "ocelot_dataplane_worker_rx_packets_total",
@@ -522,5 +534,6 @@ pub(crate) mod tests {
         assert_eq!(s[r#"ocelot_dataplane_drops_total{reason="no_route"}"#], 7.0);
         assert_eq!(s[r#"ocelot_dataplane_drops_total{reason="spoofed"}"#], 0.0);
         assert_eq!(s[r#"ocelot_dataplane_conntrack_entries{worker="0",core="none"}"#], 4.0);
+        assert_eq!(s[r#"ocelot_dataplane_nat_entries{worker="0",core="none"}"#], 0.0);
     }
 }
