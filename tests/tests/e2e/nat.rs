@@ -281,3 +281,25 @@ fn nat_outgoing_leaves_with_the_node_address() {
     let filters = node.ns.exec(&format!("tc filter show dev {up} ingress"));
     assert!(!filters.contains("mirred"), "steering left behind: {filters}");
 }
+
+/// With two workers, a translated flow's two address pairs often belong to
+/// different workers: the translated packets are handed over, and every
+/// connection still gets its answer.
+#[test]
+fn cluster_ip_with_two_workers() {
+    let node = DataplaneNode::start("octs-n", "192.0.2.35", "10.75.0.0/16", "--cores 0,1");
+    let a = node.add_pod("octs-a", "10.75.0.2");
+    let b = node.add_pod("octs-b", "10.75.0.3");
+    let c = node.add_pod("octs-c", "10.75.0.4");
+    let dir = TempDir::new("ocelot-nat-");
+    let _sb = serve(&b, "b", 8080, &dir);
+    let _sc = serve(&c, "c", 8080, &dir);
+    call(&node, cluster_spec("10.75.0.3", "10.75.0.4")).expect("set_services");
+    let mut seen = BTreeSet::new();
+    for _ in 0..16 {
+        seen.insert(ask_tcp(&a, VIP, 80).expect("TCP to the cluster IP"));
+        seen.insert(ask_udp(&a, VIP, 53).expect("UDP to the cluster IP"));
+    }
+    assert_eq!(seen, ["b".to_string(), "c".to_string()].into());
+    assert_eq!(drops(&node.counters(), "handoff_full"), 0);
+}
