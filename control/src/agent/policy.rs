@@ -14,8 +14,10 @@ use std::net::IpAddr;
 /// gave them (a pod without addresses cannot be a peer yet).
 pub fn model(cluster: &Cluster, ipam: &IpamState) -> Model {
     let mut ips: BTreeMap<&str, Vec<IpAddr>> = BTreeMap::new();
+    let mut taken = std::collections::HashSet::new();
     for b in ipam.blocks.values() {
         for (ip, a) in &b.allocations {
+            taken.insert(*ip);
             if !a.pod.is_empty() {
                 ips.entry(a.pod.as_str()).or_default().push(*ip);
             }
@@ -28,7 +30,7 @@ pub fn model(cluster: &Cluster, ipam: &IpamState) -> Model {
             let info = PodInfo {
                 namespace: p.namespace().to_string(),
                 labels: p.metadata.labels.clone(),
-                ips: pod_ips(ips.get(k.as_str()), p),
+                ips: pod_ips(ips.get(k.as_str()), p, &taken),
                 ports: p.spec.containers.iter().flat_map(|c| c.ports.iter().cloned()).collect(),
             };
             (k.clone(), info)
@@ -46,11 +48,17 @@ pub fn model(cluster: &Cluster, ipam: &IpamState) -> Model {
 }
 
 /// A pod's addresses: those IPAM gave it, then those of its
-/// `status.podIPs` (the Kubernetes datastore) that IPAM does not know.
-fn pod_ips(from_ipam: Option<&Vec<IpAddr>>, pod: &crate::model::Pod) -> Vec<IpAddr> {
+/// `status.podIPs` (the Kubernetes datastore) that IPAM has given to
+/// nobody: IPAM is the truth for its own addresses (a status can lag
+/// behind an address's reuse), the status for the others.
+fn pod_ips(
+    from_ipam: Option<&Vec<IpAddr>>,
+    pod: &crate::model::Pod,
+    taken: &std::collections::HashSet<IpAddr>,
+) -> Vec<IpAddr> {
     let mut v = from_ipam.cloned().unwrap_or_default();
     for ip in pod.status_ips() {
-        if !v.contains(&ip) {
+        if !v.contains(&ip) && !taken.contains(&ip) {
             v.push(ip);
         }
     }
@@ -116,6 +124,23 @@ spec:
             host_local: false,
         };
         (cluster, IpamState { blocks: [(block.cidr, block)].into_iter().collect() })
+    }
+
+    #[test]
+    fn status_addresses_complete_ipam_but_never_override_it() {
+        let (mut cluster, ipam) = setup();
+        let status = |ips: &[&str]| crate::model::PodStatus {
+            pod_ips: ips.iter().map(|i| crate::model::PodIp { ip: i.to_string() }).collect(),
+        };
+        // x/a: its IPAM address, and the same in its status once only; an
+        // address of x/b's in a stale status is not taken; one outside
+        // IPAM is (another CNI's pod, or a pod from before Ocelot).
+        cluster.pods.get_mut("x/a").unwrap().status =
+            status(&["10.65.0.2", "10.65.0.3", "192.168.9.9", "bogus"]);
+        let m = model(&cluster, &ipam);
+        let ips: Vec<String> = m.pods["x/a"].ips.iter().map(|i| i.to_string()).collect();
+        assert_eq!(ips, ["10.65.0.2", "192.168.9.9"]);
+        assert_eq!(m.pods["x/b"].ips.len(), 1);
     }
 
     #[test]
