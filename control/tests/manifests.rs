@@ -551,3 +551,57 @@ fn install_cni_renders_the_chain() {
     assert!(!said.contains("installed") && said.contains("unchanged"), "{said}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The manifests ask for JSON logs (`OCELOT_LOG_FORMAT` from the
+/// ConfigMap): every line the agent writes is then one JSON object with a
+/// level, a target and the message; and `--log-level` filters.
+#[test]
+fn the_agent_logs_json_lines_when_asked() {
+    let docs = ocelot_yaml();
+    assert_eq!(find(&docs, "ConfigMap", "ocelot-config")["data"]["log_format"], "json");
+    let dir = std::env::temp_dir().join(format!("ocelot-logs-it-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("ds")).unwrap();
+    let run = |level: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ocelot"))
+            .env("OCELOT_LOG_FORMAT", "json")
+            .env("OCELOT_LOG", level)
+            .env_remove("RUST_LOG")
+            .arg("agent")
+            .arg("--node=n1")
+            .arg(format!("--datastore={}", dir.join("ds").display()))
+            .arg(format!("--dataplane-socket={}", dir.join("none.sock").display()))
+            .arg(format!("--cni-socket={}", dir.join(format!("cni-{level}.sock")).display()))
+            .arg("--metrics-addr=")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the agent");
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let info = run("info");
+    let lines: Vec<Value> = info
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l:?}"))
+        })
+        .collect();
+    assert!(!lines.is_empty(), "the agent logged nothing");
+    for l in &lines {
+        assert!(
+            l["level"].is_string() && l["target"].is_string() && l["timestamp"].is_string(),
+            "{l}"
+        );
+    }
+    assert!(lines
+        .iter()
+        .any(|l| l["fields"]["message"] == "agent starting" && l["fields"]["node"] == "n1"));
+    let errors_only = run("error");
+    assert!(
+        !errors_only.contains("agent starting"),
+        "--log-level error still logs info: {errors_only}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
