@@ -228,3 +228,63 @@ async fn dry_run_writes_nothing() {
     assert!(allocations(&fake).contains_key(&ip.to_string()));
     assert_eq!(fake.log().iter().filter(|l| !l.starts_with("GET")).count(), before);
 }
+
+fn controller_args(identity: &str) -> ocelot_control::k8s::controller::ControllerArgs {
+    ocelot_control::k8s::controller::ControllerArgs {
+        interval_secs: 1,
+        grace_passes: 2,
+        identity: Some(identity.into()),
+        lease_namespace: "kube-system".into(),
+        lease_name: "ocelot-controller".into(),
+        lease_duration_secs: 15,
+        renew_deadline_secs: 10,
+        retry_period_secs: 1,
+        dry_run: false,
+    }
+}
+
+fn lease_holder(fake: &FakeApi) -> (Option<String>, i64) {
+    let l = fake
+        .objects("/apis/coordination.k8s.io/v1/namespaces/kube-system/leases")
+        .into_iter()
+        .next()
+        .expect("a Lease");
+    (
+        l["spec"]["holderIdentity"].as_str().map(str::to_string),
+        l["spec"]["leaseTransitions"].as_i64().unwrap_or(0),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_one_leader_and_a_handover_on_stop() {
+    use ocelot_control::k8s::controller::run_with;
+    use std::time::Duration;
+    let fake = FakeApi::new();
+    let (stop_a, a_stopped) = tokio::sync::oneshot::channel::<()>();
+    let (stop_b, b_stopped) = tokio::sync::oneshot::channel::<()>();
+    let a = tokio::spawn(run_with(fake.client(), controller_args("ctrl-a"), async {
+        let _ = a_stopped.await;
+    }));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b = tokio::spawn(run_with(fake.client(), controller_args("ctrl-b"), async {
+        let _ = b_stopped.await;
+    }));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(lease_holder(&fake), (Some("ctrl-a".into()), 0), "a leads, b follows");
+    stop_a.send(()).unwrap();
+    a.await.unwrap();
+    // a released the Lease on the way out: b takes it at its next round,
+    // well before the 15 s lease would have expired.
+    let mut holder = lease_holder(&fake);
+    for _ in 0..30 {
+        if holder.0.as_deref() == Some("ctrl-b") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        holder = lease_holder(&fake);
+    }
+    assert_eq!(holder, (Some("ctrl-b".into()), 1));
+    stop_b.send(()).unwrap();
+    b.await.unwrap();
+    assert_eq!(lease_holder(&fake).0, None, "b released it too");
+}
