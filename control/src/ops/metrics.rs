@@ -188,6 +188,12 @@ pub fn render(view: &AgentView, ops: &OpsState, dp: &DataplaneCounters) -> Strin
         e.sample(&[("kind", kind)], *n as f64);
     }
     e.single(
+        "ocelot_agent_problems",
+        Kind::Gauge,
+        "Problems in the datastore the agent works around (bad Services, refused specs); `ocelot status` lists them.",
+        view.problems.len() as f64,
+    );
+    e.single(
         "ocelot_agent_endpoints",
         Kind::Gauge,
         "Pod endpoints on this node (its IPAM allocations).",
@@ -490,11 +496,13 @@ pub(crate) mod tests {
                 ..Default::default()
             }],
             sync_errors: ops.sync_errors(),
+            problems: vec!["x/web: no such port".into()],
             ..Default::default()
         };
         let down = render(&view, &ops, &Err("no socket".into()));
         let s = parse(&down).unwrap();
         assert_eq!(s["ocelot_dataplane_up"], 0.0);
+        assert_eq!(s["ocelot_agent_problems"], 1.0);
         assert_eq!(s[r#"ocelot_agent_sync_errors_total{kind="policy"}"#], 1.0);
         assert_eq!(s[r#"ocelot_ipam_allocated_addresses{pool="default"}"#], 3.0);
         assert_eq!(s[r#"ocelot_policy_calculation_seconds_bucket{le="0.005"}"#], 1.0);

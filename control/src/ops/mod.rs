@@ -36,4 +36,7 @@ impl Source for crate::agent::Agent {
     fn ipam(&self) -> Result<IpamState, String> {
         self.ipam.load().map_err(|e| format!("cannot read IPAM state: {e}"))
     }
+    fn problems(&self) -> Vec<String> {
+        self.service_problems()
+    }
 }

@@ -454,6 +454,9 @@ pub fn render_table(r: &Report) -> String {
             a.policy_calc_count,
             a.policy_calc_last_s * 1000.0
         );
+        for p in &a.problems {
+            o += &format!("Problem:    {p}\n");
+        }
         let errs: Vec<String> = a.sync_errors.iter().map(|(k, v)| format!("{k} {v}")).collect();
         o += &format!(
             "Sync errors: {}\n",

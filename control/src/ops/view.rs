@@ -20,6 +20,11 @@ pub trait Source: Send + Sync + 'static {
     fn with_cluster(&self, f: &mut dyn FnMut(&Cluster));
     /// The IPAM state (every node's blocks).
     fn ipam(&self) -> Result<IpamState, String>;
+    /// What is wrong in the datastore that the agent works around (bad
+    /// Services, refused specs), one line each.
+    fn problems(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -49,6 +54,9 @@ pub struct AgentView {
     /// Why the datastore is not current (an API server error), if so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub datastore_error: Option<String>,
+    /// Problems in the datastore the agent works around (Services ...).
+    #[serde(default)]
+    pub problems: Vec<String>,
     /// IPAM could not be read (the rest of the view is still given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipam_error: Option<String>,
@@ -165,6 +173,7 @@ pub fn build(src: &dyn Source, ops: &OpsState) -> AgentView {
         last_loop_s: ops.since_last_tick().map(|d| d.as_secs_f64()),
         sync_errors: ops.sync_errors(),
         datastore_error: ops.datastore_error(),
+        problems: src.problems(),
         policy_calc_count: calc.count,
         policy_calc_last_s: calc.last,
         ..AgentView::default()
