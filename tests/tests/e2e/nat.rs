@@ -303,3 +303,45 @@ fn cluster_ip_with_two_workers() {
     assert_eq!(seen, ["b".to_string(), "c".to_string()].into());
     assert_eq!(drops(&node.counters(), "handoff_full"), 0);
 }
+
+/// A client outside the node reaches a NodePort on the node's address: the
+/// request is steered from the uplink into the dataplane, translated to
+/// the local backend, and the reply leaves from the node port.
+#[test]
+fn node_port_from_outside_reaches_a_local_backend() {
+    let node = DataplaneNode::start("octs-n", "192.0.2.36", "10.76.0.0/16", "");
+    let b = node.add_pod("octs-b", "10.76.0.3");
+    let ext = Netns::new("octs-x");
+    let (up, far) = (unique("otu"), unique("otx"));
+    sh(&format!(
+        "ip link add {up} netns {} type veth peer name {far} netns {}",
+        node.ns.name, ext.name
+    ));
+    node.ns.exec(&format!("ip addr add 198.18.6.1/24 dev {up}"));
+    node.ns.exec(&format!("ip link set {up} up"));
+    node.ns.exec("sysctl -qw net.ipv4.ip_forward=1");
+    ext.exec(&format!("ip addr add 198.18.6.2/24 dev {far}"));
+    ext.exec(&format!("ip link set {far} up"));
+    let dir = TempDir::new("ocelot-nat-");
+    let _sb = serve(&b, "b", 8080, &dir);
+    let mut svc = service("x/web:tcp", Proto::Tcp, VIP, 80, vec![backend("10.76.0.3", 8080)]);
+    svc.frontends.push(Frontend {
+        addr: "198.18.6.1".parse().unwrap(),
+        port: 30080,
+        kind: FrontendKind::NodePort,
+    });
+    let spec = ServicesSpec {
+        services: vec![svc],
+        nat_outgoing: NatOutgoingSpec {
+            addr: Some("198.18.6.1".parse().unwrap()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let reply = call(&node, spec).expect("set_services");
+    let Reply::Services { services, .. } = reply else { panic!("{reply:?}") };
+    assert!(services.steering.starts_with("tc ingress on"), "{}", services.steering);
+    for _ in 0..3 {
+        assert_eq!(ask_tcp(&ext, "198.18.6.1", 30080).expect("NodePort from outside"), "b");
+    }
+}
