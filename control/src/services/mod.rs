@@ -469,7 +469,7 @@ fn backends(
             });
         }
     }
-    out.sort_by(|a, b| (a.addr, a.port).cmp(&(b.addr, b.port)));
+    out.sort_by_key(|b| (b.addr, b.port));
     out
 }
 
