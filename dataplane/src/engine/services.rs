@@ -107,13 +107,10 @@ impl Engine {
     /// Steer replies to the translated source ports on the node's own
     /// addresses from the uplink into the dataplane, when something is
     /// translated to such an address; remove the steering otherwise.
-    /// Failure is reported in the status, not fatal: ClusterIP traffic
-    /// needs none.
+    /// Failure is reported in the status, not fatal: pods' ClusterIP
+    /// traffic needs none.
     fn steer_replies(&mut self, s: &Services) -> String {
-        let needs = !s.nat_outgoing.sources.is_empty() && s.nat_addr.is_some()
-            || !s.any_addr_node_ports.is_empty()
-            || s.frontends.values().any(|f| f.kind != crate::api::FrontendKind::ClusterIp);
-        let want = match (&self.host, needs) {
+        let want = match (&self.host, s.needs_steering()) {
             (Some(h), true) => s.nat_addr.map(|a| (a, h.name.clone())),
             _ => None,
         };

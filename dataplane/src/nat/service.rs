@@ -169,6 +169,26 @@ impl Services {
             && self.nat_outgoing.sources.is_empty()
     }
 
+    /// Do flows get translated to a node address (`nat_addr`), so that
+    /// their replies, addressed to the node, must be steered from the
+    /// uplink into the dataplane? natOutgoing; node ports and external IPs
+    /// (their requests are steered too, and flows to another node's
+    /// backend leave with a node address); and a cluster IP with a backend
+    /// on another node (the node's own connections to it).
+    pub fn needs_steering(&self) -> bool {
+        if self.nat_addr.is_none() {
+            return false;
+        }
+        !self.nat_outgoing.sources.is_empty()
+            || !self.any_addr_node_ports.is_empty()
+            || self.frontends.values().any(|f| {
+                f.kind != FrontendKind::ClusterIp || {
+                    let s = &self.services[f.service as usize];
+                    s.internal.members.iter().any(|&i| !s.backends[i as usize].local)
+                }
+            })
+    }
+
     /// Check a whole spec and compile it; nothing is built from a spec with
     /// any error. `node_addrs` are the node's addresses (for NodePort), the
     /// uplink's first (natOutgoing's default).

@@ -78,7 +78,12 @@ pub(super) fn forward(ctx: &Ctx<'_>, f: &mut Frame) -> Verdict {
             let (Some(out), Some(n)) = (port, o.nodes.get(usize::from(node))) else {
                 return Verdict::Drop(DropReason::NoOverlay);
             };
-            if out == ctx.in_port {
+            // Natively routed prefixes leave through the host port: never
+            // the host's own traffic (a loop, as above), but a translated
+            // packet from it (NodePort or a node's connection to another
+            // node's backend, a reply steered in for a natively routed
+            // client) has new addresses and cannot loop.
+            if out == ctx.in_port && view.is_none() {
                 return Verdict::Drop(DropReason::NoRoute);
             }
             // The largest IP packet this frame puts on the wire: one segment

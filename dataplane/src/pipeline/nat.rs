@@ -161,18 +161,8 @@ fn new_flow(
             // Hairpin: the backend would see itself as the source.
             let snat = if b.addr == t.src.0 {
                 Some(HAIRPIN_ADDR)
-            } else if fe.kind != FrontendKind::ClusterIp
-                && !s.external_local
-                && !b.local
-                && ctx.in_kind_host
-            {
-                // From outside to another node's backend: the reply must
-                // come back through this node.
-                Some(if fe.kind == FrontendKind::NodePort {
-                    t.dst.0
-                } else {
-                    svc.nat_addr.unwrap_or(t.dst.0)
-                })
+            } else if ctx.in_kind_host && !b.local {
+                remote_backend_snat(svc, s, fe.kind, t)
             } else {
                 None
             };
@@ -198,6 +188,37 @@ fn new_flow(
     let to = Tuple { proto: t.proto, src: (addr, p), dst: t.dst };
     nat.insert_forward(*t, to, flags, true, now).map_err(err)?;
     Ok(Some(to))
+}
+
+/// The source address of a flow from the host port (the node itself, or a
+/// client outside the cluster steered in) to another node's backend, or
+/// `None` to keep the client's. The backend's reply is addressed to its
+/// source, and the backend's node routes it through its own kernel,
+/// untranslated (it holds no state of the flow): to meet its translation
+/// again it must come back to this node on a steered port. So the source
+/// becomes a node address with a port of the translated range, whose
+/// replies the uplink steers back into the dataplane (`sys::steer`):
+///
+/// * NodePort (`externalTrafficPolicy: Cluster`): the node address the
+///   client used;
+/// * external IP (`Cluster`): the translated address (`nat_addr`);
+/// * cluster IP: the translated address; mostly the node's own processes
+///   (the service CIDRs are routed into the host port), whose replies the
+///   kernel would otherwise get from the backend's address and refuse.
+///
+/// `Local` policies choose local backends only, so they never get here.
+fn remote_backend_snat(
+    svc: &service::Services,
+    s: &service::Service,
+    kind: FrontendKind,
+    t: &Tuple,
+) -> Option<Ipv4Addr> {
+    match kind {
+        FrontendKind::NodePort if !s.external_local => Some(t.dst.0),
+        FrontendKind::ExternalIp if !s.external_local => Some(svc.nat_addr.unwrap_or(t.dst.0)),
+        FrontendKind::ClusterIp => svc.nat_addr,
+        _ => None,
+    }
 }
 
 /// An ICMP error about a translated flow's packet (as translated) goes

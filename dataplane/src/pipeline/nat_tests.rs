@@ -554,3 +554,153 @@ fn the_clients_icmp_error_about_a_reply_reaches_the_backend() {
     assert_eq!(&d[34 + 8 + 12..34 + 8 + 16], &ip("10.65.0.3").octets(), "quoted source");
     assert_eq!(&d[34 + 8 + 20..34 + 8 + 22], &8080u16.to_be_bytes(), "quoted port");
 }
+
+/// The node's own connection (from the host port, its source the node's
+/// address) to a cluster IP: to another node's backend it leaves with the
+/// node's address and a steered port, so the reply comes back here; to a
+/// local backend it keeps its source (plain DNAT).
+#[test]
+fn the_nodes_own_connections_to_remote_backends_are_source_translated() {
+    let t = tables(vec![service(
+        Proto::Tcp,
+        vec![backend("10.65.0.3"), Backend { local: false, ..backend("10.65.0.9") }],
+    )]);
+    assert!(t.services.needs_steering());
+    let mut flows = FlowState::default();
+    let (mut remote, mut local) = (false, false);
+    for sport in 40000..40064u16 {
+        let syn = tcp(MAC_HOST, GW, (NODE, sport), (VIP, 80), true);
+        let (v, f) = run(&t, HOST, &syn, &mut flows);
+        assert_eq!(v, Verdict::Tx(B));
+        let (s, sp, d, dp) = l4(&f);
+        assert_eq!(dp, 8080);
+        if d == ip("10.65.0.9") {
+            remote = true;
+            assert_eq!(s, ip(NODE));
+            assert!(t.services.is_snat_port(sp), "port {sp} is steered back");
+            // The backend's reply, through its node's kernel and ours,
+            // steered in from the uplink.
+            let r = tcp(MAC_UPLINK, MAC_HOST, ("10.65.0.9", 8080), (NODE, sp), false);
+            let (v, f) = run(&t, HOST, &r, &mut flows);
+            assert_eq!(v, Verdict::Tx(HOST), "back to the node");
+            assert_eq!(l4(&f), (ip(VIP), 80, ip(NODE), sport));
+            assert_eq!(&f.data()[..6], &MAC_HOST.0);
+            // The node's next packets meet the same translation.
+            let ack = tcp(MAC_HOST, GW, (NODE, sport), (VIP, 80), false);
+            let (v, f) = run(&t, HOST, &ack, &mut flows);
+            assert_eq!(v, Verdict::Tx(B));
+            assert_eq!(l4(&f), (ip(NODE), sp, ip("10.65.0.9"), 8080));
+        } else {
+            local = true;
+            assert_eq!((s, sp, d), (ip(NODE), sport, ip("10.65.0.3")), "plain DNAT");
+            let r = tcp(MAC_B, GW, ("10.65.0.3", 8080), (NODE, sport), false);
+            let (v, f) = run(&t, B, &r, &mut flows);
+            assert_eq!(v, Verdict::Tx(HOST));
+            assert_eq!(l4(&f), (ip(VIP), 80, ip(NODE), sport));
+        }
+    }
+    assert!(remote && local);
+    // A pod's connection to the remote backend keeps its source.
+    for sport in 40000..40064u16 {
+        let syn = tcp(MAC_A, GW, ("10.65.0.2", sport), (VIP, 80), true);
+        let (_, f) = run(&t, A, &syn, &mut flows);
+        assert_eq!(l4(&f).0, ip("10.65.0.2"));
+        assert_eq!(l4(&f).1, sport);
+    }
+}
+
+/// Steering is needed as soon as anything is translated to the node's
+/// address, including a cluster IP with a remote backend (the node's own
+/// connections), and not for cluster IPs with local backends only.
+#[test]
+fn steering_follows_what_is_translated_to_the_node() {
+    let only = |backends: Vec<Backend>| {
+        tables_with(ServicesSpec {
+            services: vec![service(Proto::Tcp, backends)],
+            ..Default::default()
+        })
+    };
+    assert!(!only(vec![backend("10.65.0.3")]).services.needs_steering());
+    let remote = Backend { local: false, ..backend("10.65.0.9") };
+    assert!(only(vec![backend("10.65.0.3"), remote.clone()]).services.needs_steering());
+    // internalTrafficPolicy: Local never picks the remote one.
+    let mut s = service(Proto::Tcp, vec![backend("10.65.0.3"), remote.clone()]);
+    s.internal_local = true;
+    let t = tables_with(ServicesSpec { services: vec![s], ..Default::default() });
+    assert!(!t.services.needs_steering());
+    assert!(tables(vec![]).services.needs_steering(), "natOutgoing");
+    // No node address yet: nothing can be translated to it.
+    let spec =
+        ServicesSpec { services: vec![service(Proto::Tcp, vec![remote])], ..Default::default() };
+    assert!(!Services::compile(&spec, &[]).unwrap().needs_steering());
+}
+
+/// [`tables`] on a node whose peer's pods (10.65.3.0/26) are routed
+/// natively: through the host port and the node's kernel.
+fn native_tables(services: Vec<ServiceSpec>) -> Tables {
+    use crate::tables::{Encap, NextHop, Overlay, RemoteNode};
+    let mut t = tables(services);
+    let peer = ip("192.0.2.11");
+    t.overlay = Overlay {
+        local_ip: Some(ip(NODE)),
+        nodes: vec![RemoteNode { name: "node-2".into(), ip: peer, vtep_mac: MacAddr([3; 6]) }],
+        by_ip: [(peer, 0u16)].into_iter().collect(),
+        ..Default::default()
+    };
+    let remote = NextHop::Remote { node: 0, encap: Encap::Native };
+    t.routes.insert("10.65.3.0".parse().unwrap(), 26, remote);
+    t
+}
+
+/// With native routing, another node's backend is reached through the
+/// host port, the port a NodePort request (or the node's own connection)
+/// came in on: translated, it leaves that way, and so does the reply
+/// steered back in. The host's untranslated traffic still never goes back.
+#[test]
+fn translated_flows_from_the_host_reach_natively_routed_backends_and_back() {
+    let mut s = service(Proto::Tcp, vec![Backend { local: false, ..backend("10.65.3.5") }]);
+    s.frontends.push(Frontend {
+        addr: "0.0.0.0".parse().unwrap(),
+        port: 30080,
+        kind: FrontendKind::NodePort,
+    });
+    let t = native_tables(vec![s]);
+    let mut flows = FlowState::default();
+    // NodePort (Cluster) from outside, then the node's own connection.
+    let cases = [
+        ((MAC_UPLINK, MAC_HOST), ("203.0.113.5", 50000u16), (NODE, 30080u16)),
+        ((MAC_HOST, GW), (NODE, 40000), (VIP, 80)),
+    ];
+    for ((from_mac, to_mac), client, dst) in cases {
+        let syn = tcp(from_mac, to_mac, client, dst, true);
+        let (v, f) = run(&t, HOST, &syn, &mut flows);
+        assert_eq!(v, Verdict::Tx(HOST), "{client:?} -> {dst:?}");
+        assert_eq!(&f.data()[..6], &MAC_HOST.0, "to the node's kernel");
+        let (s, sp, d, dp) = l4(&f);
+        assert_eq!((s, d, dp), (ip(NODE), ip("10.65.3.5"), 8080));
+        assert!(t.services.is_snat_port(sp));
+        let r = tcp(MAC_UPLINK, MAC_HOST, ("10.65.3.5", 8080), (NODE, sp), false);
+        let (v, f) = run(&t, HOST, &r, &mut flows);
+        assert_eq!(v, Verdict::Tx(HOST));
+        assert_eq!(l4(&f), (ip(dst.0), dst.1, ip(client.0), client.1));
+    }
+    // A natively routed pod of the peer as the NodePort's client: its
+    // reply, translated back, goes through the host port to its node.
+    let syn = tcp(MAC_UPLINK, MAC_HOST, ("10.65.3.9", 41000), (NODE, 30080), true);
+    let (v, f) = run(&t, HOST, &syn, &mut flows);
+    assert_eq!(v, Verdict::Tx(HOST));
+    let sp = l4(&f).1;
+    let r = tcp(MAC_UPLINK, MAC_HOST, ("10.65.3.5", 8080), (NODE, sp), false);
+    let (v, f) = run(&t, HOST, &r, &mut flows);
+    assert_eq!(v, Verdict::Tx(HOST));
+    assert_eq!(l4(&f), (ip(NODE), 30080, ip("10.65.3.9"), 41000));
+    // Untranslated, the host's traffic to the peer's pods is not sent back.
+    let plain = tcp(MAC_HOST, GW, (NODE, 40001), ("10.65.3.5", 8080), true);
+    assert_eq!(run(&t, HOST, &plain, &mut flows).0, Verdict::Drop(DropReason::NoRoute));
+    // A pod reaches the remote backend through the kernel with its own
+    // address (its node's kernel routes it natively).
+    let syn = tcp(MAC_A, GW, ("10.65.0.2", 40002), (VIP, 80), true);
+    let (v, f) = run(&t, A, &syn, &mut flows);
+    assert_eq!(v, Verdict::Tx(HOST));
+    assert_eq!(l4(&f), (ip("10.65.0.2"), 40002, ip("10.65.3.5"), 8080));
+}
