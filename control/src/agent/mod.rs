@@ -481,7 +481,8 @@ impl Agent {
             self.ensure_dataplane();
             return;
         }
-        let req = Request::Sync { endpoints: self.desired_endpoints(), pools: self.dataplane_pools() };
+        let req =
+            Request::Sync { endpoints: self.desired_endpoints(), pools: self.dataplane_pools() };
         match self.dataplane_call(req) {
             Ok(_) => {
                 self.sync_overlay();

@@ -256,7 +256,12 @@ pub struct LoopResult {
 
 /// `parallel` threads in namespace `netns` connect to `to` and close,
 /// for `secs` seconds.
-pub(crate) fn connect_loop(netns: &Path, to: SocketAddr, parallel: usize, secs: f64) -> Result<LoopResult> {
+pub(crate) fn connect_loop(
+    netns: &Path,
+    to: SocketAddr,
+    parallel: usize,
+    secs: f64,
+) -> Result<LoopResult> {
     let ns = Arc::new(File::open(netns)?);
     let until = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
