@@ -240,6 +240,8 @@ fn controller_args(identity: &str) -> ocelot_control::k8s::controller::Controlle
         renew_deadline_secs: 10,
         retry_period_secs: 1,
         dry_run: false,
+        // No default pool: these tests are about garbage collection.
+        default_pool: Default::default(),
     }
 }
 

@@ -352,10 +352,58 @@ fn the_daemonset_runs_everywhere_with_what_a_node_needs() {
 fn the_manifests_use_only_flags_and_keys_that_exist() {
     let docs = ocelot_yaml();
     let cm = find(&docs, "ConfigMap", "ocelot-config");
-    for key in ["pool_cidr", "encapsulation", "mtu", "dataplane_cores"] {
+    for key in [
+        "pool_cidr",
+        "encapsulation",
+        "pool_block_size",
+        "pool_nat_outgoing",
+        "mtu",
+        "dataplane_cores",
+    ] {
         assert!(cm["data"][key].is_string(), "ConfigMap lacks {key}");
     }
-    assert!(["vxlan", "ipip", "none"].contains(&cm["data"]["encapsulation"].as_str().unwrap()));
+    assert!(["vxlan", "vxlan-cross-subnet", "ipip", "ipip-cross-subnet", "none"]
+        .contains(&cm["data"]["encapsulation"].as_str().unwrap()));
+    // The controller makes the default pool from the ConfigMap: each key
+    // reaches it as the environment variable of its flag, and the values
+    // are ones `ocelot controller` accepts (it refuses bad ones at start).
+    let ctl_pod = &find(&docs, "Deployment", "ocelot-controller")["spec"]["template"]["spec"];
+    let ctl = container(ctl_pod, "containers", "controller");
+    let from_cm = |var: &str| -> Option<String> {
+        ctl["env"]
+            .as_array()?
+            .iter()
+            .find(|e| e["name"] == var)
+            .and_then(|e| e["valueFrom"]["configMapKeyRef"]["key"].as_str().map(String::from))
+    };
+    let mut argv = vec!["x".to_string()];
+    for (var, key, flag) in [
+        ("OCELOT_DEFAULT_IPV4_POOL_CIDR", "pool_cidr", "--default-ipv4-pool-cidr"),
+        ("OCELOT_DEFAULT_POOL_ENCAPSULATION", "encapsulation", "--default-pool-encapsulation"),
+        ("OCELOT_DEFAULT_POOL_BLOCK_SIZE", "pool_block_size", "--default-pool-block-size"),
+        ("OCELOT_DEFAULT_POOL_NAT_OUTGOING", "pool_nat_outgoing", "--default-pool-nat-outgoing"),
+    ] {
+        assert_eq!(from_cm(var).as_deref(), Some(key), "the controller's {var}");
+        argv.push(format!("{flag}={}", cm["data"][key].as_str().unwrap()));
+    }
+    #[derive(clap::Parser)]
+    struct Ctl {
+        #[command(flatten)]
+        a: ocelot_control::k8s::default_pool::DefaultPoolArgs,
+    }
+    let pool = <Ctl as clap::Parser>::try_parse_from(&argv)
+        .unwrap_or_else(|e| panic!("{argv:?}: {e}"))
+        .a
+        .spec()
+        .unwrap_or_else(|e| panic!("{argv:?}: {e}"))
+        .expect("the ConfigMap asks for a default pool");
+    // manifests/default-ippool.yaml, the alternative, says the same.
+    let alt = &documents(&root().join("manifests/default-ippool.yaml"))[0]["spec"];
+    assert_eq!(alt["cidr"], pool.cidr.as_str());
+    assert_eq!(alt["blockSize"], pool.block_size);
+    assert_eq!(alt["natOutgoing"], pool.nat_outgoing);
+    assert_eq!(alt["vxlanMode"], serde_json::to_value(pool.vxlan_mode).unwrap());
+    assert_eq!(alt["ipipMode"], serde_json::to_value(pool.ipip_mode).unwrap());
     let mut checked = 0;
     for d in docs
         .iter()
@@ -522,6 +570,15 @@ fn rbac_grants_least_privilege() {
     );
     let ctl = rules("ClusterRole", "ocelot-controller");
     assert!(has(&ctl, "", "pods", "watch") && has(&ctl, "", "nodes", "watch"));
+    // The default pool: listed and created, never changed.
+    assert!(
+        has(&ctl, "ocelot.dev", "ippools", "list") && has(&ctl, "ocelot.dev", "ippools", "create")
+    );
+    assert!(
+        !has(&ctl, "ocelot.dev", "ippools", "update")
+            && !has(&ctl, "ocelot.dev", "ippools", "patch")
+            && !has(&ctl, "ocelot.dev", "ippools", "delete")
+    );
     assert!(
         !ctl.iter().any(|(g, _, _)| g == "coordination.k8s.io"),
         "leases are namespaced: a Role"

@@ -1,7 +1,9 @@
 //! `ocelot controller`: the cluster role, like calico-kube-controllers. One
 //! replica at a time (a Lease elects it) garbage-collects IPAM: the
 //! allocations of deleted Pods, the blocks and affinities of deleted Nodes,
-//! and mends the `BlockAffinity` index.
+//! and mends the `BlockAffinity` index. When the cluster has no IPPool at
+//! all, it creates the default one from its flags
+//! ([`super::default_pool`]).
 //!
 //! The decisions are [`super::controller_gc`]'s and [`super::lease`]'s;
 //! this file reads, writes and waits. Every write is guarded by the block's
@@ -56,6 +58,8 @@ pub struct ControllerArgs {
     /// Log what would be freed; write nothing.
     #[arg(long)]
     pub dry_run: bool,
+    #[command(flatten)]
+    pub default_pool: super::default_pool::DefaultPoolArgs,
 }
 
 /// What one pass did.
@@ -328,6 +332,14 @@ pub async fn run_with(
     stop: impl std::future::Future<Output = ()>,
 ) {
     let me = identity(&args);
+    let default_pool = match args.default_pool.spec() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!("{e}; no default pool will be created");
+            None
+        }
+    };
+    let mut default_pool_done = default_pool.is_none();
     let lock = LeaseLock::new(
         client.clone(),
         &args.lease_namespace,
@@ -362,6 +374,27 @@ pub async fn run_with(
             // A new term starts counting grace passes afresh.
             gc = None;
         } else if Instant::now() >= next_pass {
+            if !default_pool_done {
+                let o = super::default_pool::ensure(client.clone(), default_pool.as_ref()).await;
+                match &o {
+                    super::default_pool::Outcome::Created => tracing::info!(
+                        pool = super::default_pool::DEFAULT_POOL_NAME,
+                        spec = ?default_pool,
+                        "no IPPool in the cluster: created the default pool"
+                    ),
+                    super::default_pool::Outcome::AlreadyExists => {
+                        tracing::info!("the default pool was created by another writer")
+                    }
+                    super::default_pool::Outcome::PoolsExist(n) => {
+                        tracing::info!(pools = ?n, "IPPools exist: no default pool created")
+                    }
+                    super::default_pool::Outcome::Disabled => {}
+                    super::default_pool::Outcome::Failed(e) => {
+                        tracing::warn!("default pool: {e}; trying again next pass")
+                    }
+                }
+                default_pool_done = o.done();
+            }
             let g =
                 gc.get_or_insert_with(|| Gc::new(client.clone(), args.grace_passes, args.dry_run));
             let rep = g.pass().await;
@@ -391,6 +424,8 @@ pub async fn run_with(
 /// `ocelot controller`: connect to the cluster (in-cluster config or
 /// kubeconfig) and run until SIGTERM/SIGINT.
 pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
+    // Bad default-pool flags stop the controller at start, before anything.
+    args.default_pool.spec().map_err(|e| anyhow::anyhow!("{e}"))?;
     // Block the termination signals before any thread starts, so that
     // every thread inherits the mask and only `wait` below receives them.
     let set = ocelot_dataplane::sys::signals::block_termination();

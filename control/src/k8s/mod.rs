@@ -19,3 +19,4 @@ pub mod watch;
 pub mod controller_gc;
 pub mod lease;
 pub mod controller;
+pub mod default_pool;
