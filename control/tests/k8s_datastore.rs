@@ -93,6 +93,10 @@ fn expired_watch_relists_and_catches_up() {
     h.ds.refresh();
     let lists = |api: &FakeApi| api.lists("/api/v1/namespaces", &[]);
     assert_eq!(lists(&h.api), 1);
+    // The watch must be open before the compaction, or it would simply
+    // start after it, from the list's (still current) version, and never
+    // see a 410.
+    assert!(eventually(WAIT, || h.api.open_watches("Namespace") > 0));
     // The history is compacted: every open watch gets ERROR 410 and the
     // watchers list again. A namespace created meanwhile, and one deleted,
     // are seen through the relist.
