@@ -7,16 +7,16 @@
 //! (watch streams applied to stores of converted objects), `datastore`
 //! (`KubeDatastore`, the `Datastore` trait over them), `publish` (Node
 //! annotations, the `NetworkUnavailable` condition, Events). The IPAM side
-//! (`crd`, `ipam*`, `controller*`) is its own.
+//! (`crd`, `ipam`, `fake`, `lease`, `controller*`, `default_pool`) is its own.
 
+pub mod controller;
+pub mod controller_gc;
 pub mod convert;
 pub mod crd;
 pub mod datastore;
+pub mod default_pool;
 pub mod fake;
 pub mod ipam;
+pub mod lease;
 pub mod publish;
 pub mod watch;
-pub mod controller_gc;
-pub mod lease;
-pub mod controller;
-pub mod default_pool;
