@@ -19,7 +19,6 @@ lab up -f manifests/examples/lab.yaml
 lab get pods -o wide
 
 step "ocelot lab probe: every pod to every pod, TCP 80 and UDP 81"
-step "(pods on different nodes connect once cross-node routing lands)"
 lab probe
 
 step "TCP between x/a and x/b (same node) with iperf3, 3 s"
