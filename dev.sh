@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-PACKAGES=(iproute2 iputils-ping iperf3 python3 python3-venv sockperf containernetworking-plugins iptables netcat-openbsd ethtool clang libbpf-dev bpftool)
+PACKAGES=(iproute2 iputils-ping iperf3 python3 python3-venv sockperf containernetworking-plugins iptables ipset netcat-openbsd socat ethtool clang libbpf-dev bpftool)
 
 install_deps() {
     local missing=()
