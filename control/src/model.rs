@@ -2,6 +2,8 @@
 //! (and of our `IPPool`) that Ocelot uses. Both datastores — a directory of
 //! YAML, and later the Kubernetes API — produce these.
 
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -159,7 +161,7 @@ impl Pod {
 }
 
 /// Encapsulation mode of a pool, as Calico spells it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum EncapMode {
     Always,
     CrossSubnet,
@@ -167,22 +169,46 @@ pub enum EncapMode {
     Never,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// An IP pool: where pod addresses come from, and how they travel between
+/// nodes.
+#[derive(CustomResource, Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "ocelot.dev",
+    version = "v1",
+    kind = "IPPool",
+    root = "IpPoolObject",
+    plural = "ippools",
+    shortname = "ocippool",
+    category = "ocelot",
+    doc = "An IP pool: pods take addresses from its blocks.",
+    printcolumn(name = "CIDR", type_ = "string", json_path = ".spec.cidr"),
+    printcolumn(name = "Block", type_ = "integer", json_path = ".spec.blockSize"),
+    printcolumn(name = "VXLAN", type_ = "string", json_path = ".spec.vxlanMode"),
+    printcolumn(name = "IPIP", type_ = "string", json_path = ".spec.ipipMode"),
+    printcolumn(name = "NAT", type_ = "boolean", json_path = ".spec.natOutgoing"),
+    printcolumn(name = "Disabled", type_ = "boolean", json_path = ".spec.disabled")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct IpPoolSpec {
+    /// The pool's CIDR, e.g. `10.65.0.0/16`.
     pub cidr: String,
+    /// Prefix length of the blocks nodes claim (default 26: 64 addresses).
     #[serde(default = "default_block_size")]
     pub block_size: u8,
+    /// VXLAN between nodes: `Always`, `CrossSubnet` or `Never` (default).
     #[serde(default)]
     pub vxlan_mode: EncapMode,
+    /// IP-in-IP between nodes: `Always`, `CrossSubnet` or `Never` (default).
     #[serde(default, rename = "ipipMode")]
     pub ipip_mode: EncapMode,
+    /// Masquerade traffic from the pool's pods to destinations outside every pool.
     #[serde(default)]
     pub nat_outgoing: bool,
     /// Which nodes may take blocks from the pool: `all()` (default), or
     /// `key == 'value'` terms joined by `&&`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<String>,
+    /// A disabled pool hands out no new addresses.
     #[serde(default)]
     pub disabled: bool,
 }

@@ -1,7 +1,7 @@
 //! Ocelot's custom resources (`ocelot.dev/v1`, all cluster-scoped):
 //!
 //! - `IPPool`: the pool the lab's YAML already declares (its spec is
-//!   [`model::IpPoolSpec`], field for field);
+//!   [`crate::model::IpPoolSpec`] itself);
 //! - `IPAMBlock`: one block of a pool, named after its CIDR
 //!   (`10.65.1.0/26` → `10-65-1-0-26`), holding its affinity and every
 //!   allocation in it. It is the unit of atomicity of IPAM on Kubernetes:
@@ -15,7 +15,6 @@
 //! and a test keeps the two equal.
 
 use crate::ipam::{Allocation, Block};
-use crate::model;
 use kube::CustomResource;
 use kube::CustomResourceExt as _;
 use ocelot_dataplane::api::Cidr;
@@ -32,110 +31,9 @@ pub fn host_affinity(node: &str) -> String {
     format!("host:{node}")
 }
 
-/// Encapsulation mode of a pool, as Calico spells it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub enum EncapMode {
-    Always,
-    CrossSubnet,
-    #[default]
-    Never,
-}
-
-/// An IP pool: where pod addresses come from, and how they travel between
-/// nodes.
-#[derive(CustomResource, Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[kube(
-    group = "ocelot.dev",
-    version = "v1",
-    kind = "IPPool",
-    root = "IpPoolObject",
-    plural = "ippools",
-    shortname = "ocippool",
-    category = "ocelot",
-    doc = "An IP pool: pods take addresses from its blocks.",
-    printcolumn(name = "CIDR", type_ = "string", json_path = ".spec.cidr"),
-    printcolumn(name = "Block", type_ = "integer", json_path = ".spec.blockSize"),
-    printcolumn(name = "VXLAN", type_ = "string", json_path = ".spec.vxlanMode"),
-    printcolumn(name = "IPIP", type_ = "string", json_path = ".spec.ipipMode"),
-    printcolumn(name = "NAT", type_ = "boolean", json_path = ".spec.natOutgoing"),
-    printcolumn(name = "Disabled", type_ = "boolean", json_path = ".spec.disabled")
-)]
-#[serde(rename_all = "camelCase")]
-pub struct IpPoolSpec {
-    /// The pool's CIDR, e.g. `10.65.0.0/16`.
-    pub cidr: String,
-    /// Prefix length of the blocks nodes claim (default 26: 64 addresses).
-    #[serde(default = "default_block_size")]
-    pub block_size: u8,
-    /// VXLAN between nodes: `Always`, `CrossSubnet` or `Never` (default).
-    #[serde(default)]
-    pub vxlan_mode: EncapMode,
-    /// IP-in-IP between nodes: `Always`, `CrossSubnet` or `Never` (default).
-    #[serde(default, rename = "ipipMode")]
-    pub ipip_mode: EncapMode,
-    /// Masquerade traffic from the pool's pods to destinations outside every pool.
-    #[serde(default)]
-    pub nat_outgoing: bool,
-    /// Which nodes may take blocks from the pool: `all()` (default), or
-    /// `key == 'value'` terms joined by `&&`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_selector: Option<String>,
-    /// A disabled pool hands out no new addresses.
-    #[serde(default)]
-    pub disabled: bool,
-}
-
-fn default_block_size() -> u8 {
-    26
-}
-
-impl From<EncapMode> for model::EncapMode {
-    fn from(m: EncapMode) -> Self {
-        match m {
-            EncapMode::Always => model::EncapMode::Always,
-            EncapMode::CrossSubnet => model::EncapMode::CrossSubnet,
-            EncapMode::Never => model::EncapMode::Never,
-        }
-    }
-}
-
-impl From<model::EncapMode> for EncapMode {
-    fn from(m: model::EncapMode) -> Self {
-        match m {
-            model::EncapMode::Always => EncapMode::Always,
-            model::EncapMode::CrossSubnet => EncapMode::CrossSubnet,
-            model::EncapMode::Never => EncapMode::Never,
-        }
-    }
-}
-
-impl From<IpPoolSpec> for model::IpPoolSpec {
-    fn from(s: IpPoolSpec) -> Self {
-        model::IpPoolSpec {
-            cidr: s.cidr,
-            block_size: s.block_size,
-            vxlan_mode: s.vxlan_mode.into(),
-            ipip_mode: s.ipip_mode.into(),
-            nat_outgoing: s.nat_outgoing,
-            node_selector: s.node_selector,
-            disabled: s.disabled,
-        }
-    }
-}
-
-impl From<model::IpPoolSpec> for IpPoolSpec {
-    fn from(s: model::IpPoolSpec) -> Self {
-        IpPoolSpec {
-            cidr: s.cidr,
-            block_size: s.block_size,
-            vxlan_mode: s.vxlan_mode.into(),
-            ipip_mode: s.ipip_mode.into(),
-            nat_outgoing: s.nat_outgoing,
-            node_selector: s.node_selector,
-            disabled: s.disabled,
-        }
-    }
-}
+// `IPPool`'s spec is the model's, so the lab's YAML, the directory
+// datastore and the API server read one type.
+pub use crate::model::{EncapMode, IpPoolObject, IpPoolSpec};
 
 /// Who holds one address of a block.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -385,9 +283,8 @@ mod tests {
         assert_eq!(obj.spec.cidr, "10.65.0.0/16");
         assert_eq!(obj.spec.vxlan_mode, EncapMode::Always);
         // The same text read as the model's pool gives the same spec.
-        let m: model::IpPool = serde_norway::from_str(doc).unwrap();
-        assert_eq!(model::IpPoolSpec::from(obj.spec.clone()), m.spec);
-        assert_eq!(IpPoolSpec::from(m.spec), obj.spec);
+        let m: crate::model::IpPool = serde_norway::from_str(doc).unwrap();
+        assert_eq!(m.spec, obj.spec);
     }
 
     #[test]
