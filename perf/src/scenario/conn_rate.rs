@@ -343,10 +343,34 @@ fn measure(
     if rules {
         check_dropped(&client, SocketAddr::from((p.server_ip, p.port.wrapping_add(1))))?;
     }
-    if p.warmup > 0 {
-        connect_loop(&client, to, p.parallel, f64::from(p.warmup))?;
+    record_connects(
+        report,
+        path,
+        &client,
+        to,
+        (p.warmup, p.duration, p.parallel),
+        "TCP connect/close rate (conn/s)",
+        progress,
+    )
+}
+
+/// Warm up, run the connect/close loop from `client` to `to` and record
+/// its rate, connect p50/p99 and failures under `path`. `run` is
+/// (warm-up s, duration s, parallel loops).
+pub(crate) fn record_connects(
+    report: &mut Report,
+    path: &str,
+    client: &Path,
+    to: SocketAddr,
+    run: (u32, u32, usize),
+    rate_title: &str,
+    progress: &dyn Fn(&str),
+) -> Result<()> {
+    let (warmup, duration, parallel) = run;
+    if warmup > 0 {
+        connect_loop(client, to, parallel, f64::from(warmup))?;
     }
-    let r = connect_loop(&client, to, p.parallel, f64::from(p.duration))?;
+    let r = connect_loop(client, to, parallel, f64::from(duration))?;
     progress(&format!(
         "[{path}] {:.0} conn/s ({} in {:.1} s, {} failed), connect p50 {:.1} us, p99 {:.1} us",
         r.per_sec, r.connections, r.seconds, r.failures, r.connect_p50_us, r.connect_p99_us
@@ -354,15 +378,7 @@ fn measure(
     if r.connections == 0 {
         bail!("no connection succeeded ({} failed)", r.failures);
     }
-    report.add(
-        "conn_per_s",
-        "TCP connect/close rate (conn/s)",
-        "conn/s",
-        Better::Higher,
-        0,
-        path,
-        r.per_sec,
-    );
+    report.add("conn_per_s", rate_title, "conn/s", Better::Higher, 0, path, r.per_sec);
     report.add(
         "connect_p50_us",
         "TCP connect p50 (us)",
@@ -411,7 +427,7 @@ pub(crate) fn attempt(
     Ok(())
 }
 
-fn ms_since(t: Instant) -> f64 {
+pub(crate) fn ms_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 

@@ -19,7 +19,9 @@
 
 use crate::interrupt;
 use crate::report::{Better, Comparison, Report};
-use crate::scenario::conn_rate::{attempt, connect_loop, run_with_input, Server};
+use crate::scenario::conn_rate::{
+    attempt, connect_loop, ms_since, record_connects, run_with_input, Server,
+};
 use crate::topo::{cmd, KernelSameNode, OcelotSameNode, PodPair};
 use anyhow::{bail, Context, Result};
 use ocelot_dataplane::api::client::Client;
@@ -175,59 +177,15 @@ fn measure(
             probe.failures
         );
     }
-    if p.warmup > 0 {
-        connect_loop(&client, to, p.parallel, f64::from(p.warmup))?;
-    }
-    let r = connect_loop(&client, to, p.parallel, f64::from(p.duration))?;
-    progress(&format!(
-        "[{path}] {:.0} conn/s ({} in {:.1} s, {} failed), connect p50 {:.1} us, p99 {:.1} us",
-        r.per_sec, r.connections, r.seconds, r.failures, r.connect_p50_us, r.connect_p99_us
-    ));
-    if r.connections == 0 {
-        bail!("no connection succeeded ({} failed)", r.failures);
-    }
-    report.add(
-        "conn_per_s",
+    record_connects(
+        report,
+        path,
+        &client,
+        to,
+        (p.warmup, p.duration, p.parallel),
         "TCP connect/close rate to a ClusterIP (conn/s)",
-        "conn/s",
-        Better::Higher,
-        0,
-        path,
-        r.per_sec,
-    );
-    report.add(
-        "connect_p50_us",
-        "TCP connect p50 (us)",
-        "us",
-        Better::Lower,
-        1,
-        path,
-        r.connect_p50_us,
-    );
-    report.add(
-        "connect_p99_us",
-        "TCP connect p99 (us)",
-        "us",
-        Better::Lower,
-        1,
-        path,
-        r.connect_p99_us,
-    );
-    report.add(
-        "connect_failed",
-        "connects failed (1 s timeout)",
-        "",
-        Better::Lower,
-        0,
-        path,
-        r.failures as f64,
-    );
-    report.detail(path, "conn_rate", &r);
-    Ok(())
-}
-
-fn ms_since(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1e3
+        progress,
+    )
 }
 
 pub fn run(p: &ServicesParams, progress: &dyn Fn(&str)) -> Result<Report> {
