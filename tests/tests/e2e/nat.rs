@@ -229,22 +229,30 @@ fn bad_specs_are_refused_and_change_nothing() {
     assert_eq!(ask_tcp(&a, VIP, 80).expect("the good spec still works"), "b");
 }
 
-#[test]
-fn nat_outgoing_leaves_with_the_node_address() {
-    let node = DataplaneNode::start("octs-n", "192.0.2.34", "10.74.0.0/16", "");
-    let a = node.add_pod("octs-a", "10.74.0.2");
-    // A server outside the pools, one hop away from the node.
+/// A namespace outside the node and every pool, one veth hop from it:
+/// 198.18.`subnet`.2, with the node at .1 forwarding. Also returns the
+/// node's side of the link (its uplink toward that host).
+fn outside_host(node: &DataplaneNode, subnet: u8) -> (Netns, String) {
     let ext = Netns::new("octs-x");
     let (up, far) = (unique("otu"), unique("otx"));
     sh(&format!(
         "ip link add {up} netns {} type veth peer name {far} netns {}",
         node.ns.name, ext.name
     ));
-    node.ns.exec(&format!("ip addr add 198.18.4.1/24 dev {up}"));
+    node.ns.exec(&format!("ip addr add 198.18.{subnet}.1/24 dev {up}"));
     node.ns.exec(&format!("ip link set {up} up"));
     node.ns.exec("sysctl -qw net.ipv4.ip_forward=1");
-    ext.exec(&format!("ip addr add 198.18.4.2/24 dev {far}"));
+    ext.exec(&format!("ip addr add 198.18.{subnet}.2/24 dev {far}"));
     ext.exec(&format!("ip link set {far} up"));
+    (ext, up)
+}
+
+#[test]
+fn nat_outgoing_leaves_with_the_node_address() {
+    let node = DataplaneNode::start("octs-n", "192.0.2.34", "10.74.0.0/16", "");
+    let a = node.add_pod("octs-a", "10.74.0.2");
+    // A server outside the pools, one hop away from the node.
+    let (ext, up) = outside_host(&node, 4);
     let dir = TempDir::new("ocelot-nat-");
     let _tcp = ext.spawn(
         "socat TCP-LISTEN:9090,fork,reuseaddr SYSTEM:'echo $SOCAT_PEERADDR'",
@@ -311,17 +319,7 @@ fn cluster_ip_with_two_workers() {
 fn node_port_from_outside_reaches_a_local_backend() {
     let node = DataplaneNode::start("octs-n", "192.0.2.36", "10.76.0.0/16", "");
     let b = node.add_pod("octs-b", "10.76.0.3");
-    let ext = Netns::new("octs-x");
-    let (up, far) = (unique("otu"), unique("otx"));
-    sh(&format!(
-        "ip link add {up} netns {} type veth peer name {far} netns {}",
-        node.ns.name, ext.name
-    ));
-    node.ns.exec(&format!("ip addr add 198.18.6.1/24 dev {up}"));
-    node.ns.exec(&format!("ip link set {up} up"));
-    node.ns.exec("sysctl -qw net.ipv4.ip_forward=1");
-    ext.exec(&format!("ip addr add 198.18.6.2/24 dev {far}"));
-    ext.exec(&format!("ip link set {far} up"));
+    let (ext, _up) = outside_host(&node, 6);
     let dir = TempDir::new("ocelot-nat-");
     let _sb = serve(&b, "b", 8080, &dir);
     let mut svc = service("x/web:tcp", Proto::Tcp, VIP, 80, vec![backend("10.76.0.3", 8080)]);
