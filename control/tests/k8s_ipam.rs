@@ -6,7 +6,9 @@
 use http::{Method, Request, Response};
 use kube::client::Body;
 use ocelot_control::ipam::store::IpamStore;
-use ocelot_control::ipam::{Allocation, Ipam, PoolSpec, Request as IpamRequest};
+use ocelot_control::ipam::{
+    Allocated, Allocation, Ipam, IpamError, PoolSpec, Request as IpamRequest,
+};
 use ocelot_control::k8s::fake::{FakeApi, Fault};
 use ocelot_control::k8s::ipam::{KubeIpamError, KubeStore, Retry};
 use ocelot_control::k8s::lease::{Attempt, LeaseLock};
@@ -141,18 +143,27 @@ fn fast() -> Retry {
     Retry { attempts: 5, base: Duration::from_millis(1), max: Duration::from_millis(2) }
 }
 
+/// Allocate `req` for `handle` on `node` through a KubeStore over `client`,
+/// in a task, so the test can answer its requests.
+fn spawn_allocate(
+    client: kube::Client,
+    node: &'static str,
+    handle: &'static str,
+    req: IpamRequest,
+) -> tokio::task::JoinHandle<Result<Result<Allocated, IpamError>, KubeIpamError>> {
+    let store = KubeStore::new(client, tokio::runtime::Handle::current()).with_retry(fast());
+    tokio::spawn(async move {
+        store
+            .transact_async(move |st| Ipam { state: st, node }.allocate(&req, alloc(node, handle)))
+            .await
+    })
+}
+
 #[tokio::test]
 async fn a_block_claimed_by_another_node_first_sends_us_to_the_next_block() {
     let (client, mut h) = mock();
-    let store = KubeStore::new(client, tokio::runtime::Handle::current()).with_retry(fast());
-    let req = IpamRequest::Auto { pools: pools("10.65.0.0/16", 26) };
-    let task = tokio::spawn(async move {
-        store
-            .transact_async(move |st| {
-                Ipam { state: st, node: "n2" }.allocate(&req, alloc("n2", "c1"))
-            })
-            .await
-    });
+    let task =
+        spawn_allocate(client, "n2", "c1", IpamRequest::Auto { pools: pools("10.65.0.0/16", 26) });
     // Nothing claimed yet: n2 creates the first block...
     let (_, s) = next(&mut h, Method::GET, BLOCKS).await;
     answer(s, 200, list(vec![], 40));
@@ -203,15 +214,8 @@ async fn a_block_claimed_by_another_node_first_sends_us_to_the_next_block() {
 #[tokio::test]
 async fn a_conflicting_replace_is_retried_on_fresh_state() {
     let (client, mut h) = mock();
-    let store = KubeStore::new(client, tokio::runtime::Handle::current()).with_retry(fast());
-    let req = IpamRequest::Auto { pools: pools("10.65.0.0/16", 26) };
-    let task = tokio::spawn(async move {
-        store
-            .transact_async(move |st| {
-                Ipam { state: st, node: "n1" }.allocate(&req, alloc("n1", "c2"))
-            })
-            .await
-    });
+    let task =
+        spawn_allocate(client, "n1", "c2", IpamRequest::Auto { pools: pools("10.65.0.0/16", 26) });
     let (_, s) = next(&mut h, Method::GET, BLOCKS).await;
     answer(
         s,
@@ -306,15 +310,8 @@ async fn a_block_overlapping_another_created_at_once_is_taken_back() {
     // n1's pool cuts /26 blocks, n2's /28 blocks of the same range (a
     // misconfiguration): their claims have different names.
     let (client, mut h) = mock();
-    let store = KubeStore::new(client, tokio::runtime::Handle::current()).with_retry(fast());
-    let req = IpamRequest::Auto { pools: pools("10.90.0.0/24", 28) };
-    let task = tokio::spawn(async move {
-        store
-            .transact_async(move |st| {
-                Ipam { state: st, node: "n2" }.allocate(&req, alloc("n2", "c9"))
-            })
-            .await
-    });
+    let task =
+        spawn_allocate(client, "n2", "c9", IpamRequest::Auto { pools: pools("10.90.0.0/24", 28) });
     let (_, s) = next(&mut h, Method::GET, BLOCKS).await;
     answer(s, 200, list(vec![], 70));
     let (body, s) = next(&mut h, Method::POST, BLOCKS).await;
@@ -389,16 +386,9 @@ async fn a_request_for_two_blocks_cut_short_by_a_conflict_completes_on_retry() {
     // two writes, not one transaction. The second loses a race; the retry
     // finds the first address held and takes the second, not stopping short.
     let (client, mut h) = mock();
-    let store = KubeStore::new(client, tokio::runtime::Handle::current()).with_retry(fast());
     let want: Vec<IpAddr> = vec!["10.65.0.5".parse().unwrap(), "10.65.0.70".parse().unwrap()];
     let req = IpamRequest::Specific { ips: want.clone(), pools: pools("10.65.0.0/16", 26) };
-    let task = tokio::spawn(async move {
-        store
-            .transact_async(move |st| {
-                Ipam { state: st, node: "n1" }.allocate(&req, alloc("n1", "multi"))
-            })
-            .await
-    });
+    let task = spawn_allocate(client, "n1", "multi", req);
     let b0 =
         |rv, allocs: &[(&str, &str, &str)]| block("10-65-0-0-26", "10.65.0.0/26", "n1", rv, allocs);
     let (_, s) = next(&mut h, Method::GET, BLOCKS).await;
